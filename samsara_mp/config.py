@@ -1,0 +1,223 @@
+"""One validated, immutable configuration, built once at the edge.
+
+Keys of the original ``samsara_sdk`` keep their names, meanings and defaults;
+new keys sit beside them. Values come from keyword arguments, then from the
+environment (``SAMSARA_MP_URL``, ``SAMSARA_MP_CHANNEL``, ``SAMSARA_MP_<KEY>``),
+then from the defaults. Millisecond settings are converted to seconds once,
+exactly (the original rounded them down to whole seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import InvalidConfiguration
+
+__all__ = ["Config", "ENV_PREFIX"]
+
+ENV_PREFIX = "SAMSARA_MP_"
+_CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_COMPRESSIONS = ("gzip", "none")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a client and its publisher; build it with :meth:`build`."""
+
+    url: str
+    sourceId: str | None = None
+    start_publishing_thread: bool = True
+    publish_interval: int = 30_000
+    max_buffer_size: int = 10_000
+    min_buffer_size: int = 100
+    send_timeout: int = 30_000
+    compression: str = "gzip"
+    send_client_stats: bool = True
+    # New keys.
+    channel: str | None = None
+    runtime_dir: str | None = None
+    compression_level: int = 1
+    max_batch_size: int = 5_000
+    max_batch_bytes: int = 4 * 1024 * 1024
+    max_event_bytes: int = 64 * 1024
+    staging_size: int = 10_000
+    ship_batch: int = 256
+    ship_delay: int = 5
+    ipc_timeout: int = 2_000
+    shutdown_timeout: int = 10_000
+    idle_timeout: int = 60_000
+    backoff_base: int = 100
+    backoff_cap: int = 30_000
+    spool_dir: str | None = None
+
+    @classmethod
+    def build(
+        cls, env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> Config:
+        """Merge keyword arguments > environment > defaults, validating each key."""
+        env = os.environ if env is None else env
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in known:
+                raise InvalidConfiguration(key, "unknown configuration key")
+        values: dict[str, Any] = {}
+        for name, field in known.items():
+            if name in kwargs:
+                values[name] = kwargs[name]
+                continue
+            env_name = ENV_PREFIX + _env_suffix(name)
+            if env_name in env:
+                values[name] = _from_env(name, env[env_name], field.type)
+        if "compression" in values and values["compression"] is None:
+            values["compression"] = "none"  # the original SDK's spelling of no compression
+        if "url" not in values or values["url"] is None:
+            raise InvalidConfiguration(
+                "url", f"missing: pass url=... or set {ENV_PREFIX}URL"
+            )
+        config = cls(**values)
+        config._validate()
+        return config
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some keys changed, validated again."""
+        for key in changes:
+            if key not in {f.name for f in dataclasses.fields(self)}:
+                raise InvalidConfiguration(key, "unknown configuration key")
+        new = dataclasses.replace(self, **changes)
+        new._validate()
+        return new
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (what crosses to a publisher process)."""
+        return dataclasses.asdict(self)
+
+    # Derived values, converted once.
+    @property
+    def endpoint(self) -> str:
+        """``{url}/v1/events``, keeping any path prefix of the base URL."""
+        return self.url.rstrip("/") + "/v1/events"
+
+    @property
+    def channel_name(self) -> str:
+        """The channel: configured, or derived from the URL so one app shares one."""
+        if self.channel:
+            return self.channel
+        digest = hashlib.sha256(self.url.rstrip("/").encode()).hexdigest()[:12]
+        return f"samsara-{digest}"
+
+    @property
+    def publish_interval_s(self) -> float:
+        return self.publish_interval / 1000.0
+
+    @property
+    def send_timeout_s(self) -> float:
+        return self.send_timeout / 1000.0
+
+    @property
+    def ship_delay_s(self) -> float:
+        return self.ship_delay / 1000.0
+
+    @property
+    def ipc_timeout_s(self) -> float:
+        return self.ipc_timeout / 1000.0
+
+    @property
+    def shutdown_timeout_s(self) -> float:
+        return self.shutdown_timeout / 1000.0
+
+    @property
+    def idle_timeout_s(self) -> float:
+        return self.idle_timeout / 1000.0
+
+    def _validate(self) -> None:
+        _check_url(self.url)
+        if self.sourceId is not None and (not isinstance(self.sourceId, str) or not self.sourceId):
+            raise InvalidConfiguration("sourceId", "must be a non-empty string or None")
+        for name in ("start_publishing_thread", "send_client_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidConfiguration(name, f"must be True or False, not {getattr(self, name)!r}")
+        positive = (
+            "publish_interval", "max_buffer_size", "send_timeout", "max_batch_size",
+            "max_batch_bytes", "max_event_bytes", "staging_size", "ship_batch",
+            "ipc_timeout", "backoff_base", "backoff_cap",
+        )
+        for name in positive:
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("min_buffer_size", "ship_delay", "shutdown_timeout", "idle_timeout"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.min_buffer_size > self.max_buffer_size:
+            raise InvalidConfiguration(
+                "min_buffer_size",
+                f"{self.min_buffer_size} is larger than max_buffer_size {self.max_buffer_size}",
+            )
+        if self.backoff_cap < self.backoff_base:
+            raise InvalidConfiguration("backoff_cap", "must be at least backoff_base")
+        if self.compression not in _COMPRESSIONS:
+            raise InvalidConfiguration(
+                "compression", f"{self.compression!r} is not one of {_COMPRESSIONS}"
+            )
+        _check_int("compression_level", self.compression_level, minimum=1)
+        if self.compression_level > 9:
+            raise InvalidConfiguration("compression_level", "must be between 1 and 9")
+        if self.channel is not None and (
+            not isinstance(self.channel, str) or not _CHANNEL_RE.match(self.channel)
+        ):
+            raise InvalidConfiguration(
+                "channel", "must be 1-64 characters of letters, digits, '_', '.', '-'"
+            )
+        for name in ("runtime_dir", "spool_dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidConfiguration(name, "must be a non-empty path string or None")
+
+
+def _env_suffix(name: str) -> str:
+    if name == "sourceId":
+        return "SOURCE_ID"
+    return name.upper()
+
+
+def _check_url(url: object) -> None:
+    if not isinstance(url, str) or not url:
+        raise InvalidConfiguration("url", "must be a non-empty string")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidConfiguration("url", f"{url!r} is not an http(s) URL with a host")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidConfiguration(name, f"must be an integer, not {value!r}")
+    if value < minimum:
+        raise InvalidConfiguration(name, f"must be >= {minimum}, not {value}")
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise InvalidConfiguration(name, f"environment value {raw!r} is not a boolean")
+
+
+def _parse_int(name: str, raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise InvalidConfiguration(name, f"environment value {raw!r} is not an integer") from None
+
+
+def _from_env(name: str, raw: str, type_name: object) -> Any:
+    parsers: dict[str, Callable[[str, str], Any]] = {"bool": _parse_bool, "int": _parse_int}
+    parser = parsers.get(str(type_name))
+    if parser is not None:
+        return parser(name, raw)
+    return raw

@@ -1,0 +1,130 @@
+"""Settle one batch with the API: what was delivered, what was rejected, what waits.
+
+A 2xx delivers the batch. A 400 whose body is the API's positional answer
+(one entry per event, ``"OK"`` for the valid ones) rejects exactly the events
+it marks and resends the rest; any other 400, and a 413, splits the batch in
+halves until the bad or oversized events stand alone. 408, 429, 5xx and
+network failures stop the settlement with a retry hint; what was settled
+before them stays settled. Other 4xx reject the batch (logged and counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .retry import is_retryable_status, parse_retry_after
+from .transport import HTTPAnswer, Transport, TransportError
+
+__all__ = ["Outcome", "settle"]
+
+log = logging.getLogger("samsara_mp")
+
+
+@dataclass
+class Outcome:
+    """The result of settling one batch (indexes into the batch)."""
+
+    delivered: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    retry: bool = False
+    retry_after: float | None = None
+    error: str | None = None
+    status: int | None = None
+    requests: int = 0
+    raw_bytes: int = 0
+    sent_bytes: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    reject_reasons: list[str] = field(default_factory=list)
+
+
+class _Stop(Exception):
+    pass
+
+
+def settle(
+    transport: Transport,
+    payloads: Sequence[bytes],
+    on_answer: Callable[[int, HTTPAnswer], None] | None = None,
+    now: Callable[[], float] = time.time,
+) -> Outcome:
+    """Send ``payloads`` until each is delivered or rejected, or a retryable failure."""
+    out = Outcome()
+
+    def post(indexes: list[int]) -> HTTPAnswer:
+        out.requests += 1
+        try:
+            answer = transport.post([payloads[i] for i in indexes])
+        except TransportError as exc:
+            out.retry = True
+            out.error = str(exc)
+            out.raw_bytes += exc.raw_bytes
+            raise _Stop from exc
+        out.raw_bytes += answer.raw_bytes
+        out.sent_bytes += answer.sent_bytes
+        out.statuses[answer.status] = out.statuses.get(answer.status, 0) + 1
+        out.status = answer.status
+        if on_answer is not None:
+            on_answer(len(indexes), answer)
+        return answer
+
+    def run(indexes: list[int]) -> None:
+        answer = post(indexes)
+        status = answer.status
+        if answer.ok:
+            out.delivered.extend(indexes)
+            return
+        if is_retryable_status(status):
+            out.retry = True
+            out.retry_after = parse_retry_after(_header(answer, "Retry-After"), now)
+            out.error = f"HTTP {status}: {answer.text(200)}"
+            raise _Stop
+        if status == 400:
+            verdicts = _positional(answer, len(indexes))
+            if verdicts is not None:
+                bad = [i for i, v in zip(indexes, verdicts) if v != "OK"]
+                good = [i for i, v in zip(indexes, verdicts) if v == "OK"]
+                out.rejected.extend(bad)
+                out.reject_reasons.extend(str(v) for v in verdicts if v != "OK")
+                out.error = f"HTTP 400: {len(bad)} invalid events rejected"
+                if good:
+                    run(good)
+                return
+        if status in (400, 413) and len(indexes) > 1:
+            half = len(indexes) // 2
+            run(indexes[:half])
+            run(indexes[half:])
+            return
+        out.rejected.extend(indexes)
+        out.error = f"HTTP {status}: {answer.text(200)}"
+        out.reject_reasons.append(out.error)
+        log.warning("samsara_mp: API refused %d events with %s", len(indexes), out.error)
+
+    try:
+        run(list(range(len(payloads))))
+    except _Stop:
+        pass
+    return out
+
+
+def _header(answer: HTTPAnswer, name: str) -> str | None:
+    for key, value in answer.headers.items():
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def _positional(answer: HTTPAnswer, n: int) -> list[Any] | None:
+    """The per-event verdicts when the 400 body is the API's aligned list with a bad entry."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return None
+    if not isinstance(body, list) or len(body) != n:
+        return None
+    if all(v == "OK" for v in body):
+        return None
+    return body

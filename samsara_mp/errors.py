@@ -1,0 +1,42 @@
+"""The error hierarchy: one root, a few meaningful kinds.
+
+``InvalidEvent`` and ``InvalidConfiguration`` keep the original ``samsara_sdk``
+names so code written for it still catches them.
+"""
+
+from __future__ import annotations
+
+
+class SamsaraError(Exception):
+    """Root of every error samsara_mp raises."""
+
+
+class InvalidEvent(SamsaraError, ValueError):
+    """An event was refused in the caller; ``field`` names the offending field."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"invalid event: {field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class InvalidConfiguration(SamsaraError, ValueError):
+    """A configuration value was refused; ``key`` names the offending key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"invalid configuration: {key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class PublishError(SamsaraError):
+    """A synchronous publish did not reach a 2xx answer."""
+
+    def __init__(self, message: str, status: int | None = None, body: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class ChannelError(SamsaraError):
+    """The channel's runtime directory or publisher could not be used safely."""

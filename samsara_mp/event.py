@@ -1,0 +1,131 @@
+"""Validate, enrich and encode one event, in the worker, at record time.
+
+This is the hot path of ``record_event``: a few type checks and one call into
+the C JSON encoder. The slow work of explaining a failure happens only after
+the fast path has failed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .errors import InvalidEvent
+from .helpers import current_time_millis
+
+__all__ = ["EventEncoder", "MANDATORY_FIELDS"]
+
+MANDATORY_FIELDS = ("timestamp", "eventName", "sourceId")
+
+_json_encode = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":")
+).encode
+_ENCODE_ERRORS = (TypeError, ValueError, RecursionError, OverflowError)
+
+
+class EventEncoder:
+    """Turns an event mapping into compact JSON bytes, or raises ``InvalidEvent``."""
+
+    __slots__ = ("_source_id", "_max_bytes", "_now")
+
+    def __init__(
+        self,
+        source_id: str | None,
+        max_event_bytes: int,
+        now: Callable[[], int] = current_time_millis,
+    ) -> None:
+        self._source_id = source_id
+        self._max_bytes = max_event_bytes
+        self._now = now
+
+    def encode_owned(self, event: dict[str, Any]) -> bytes:
+        """Encode a dict the caller gave up (``**kwargs``); it may be enriched in place."""
+        ts = event.get("timestamp")
+        if ts is None:
+            event["timestamp"] = self._now()
+        elif type(ts) is not int or ts < 0:
+            _refuse_timestamp(ts)
+        name = event.get("eventName")
+        if type(name) is not str or not name:
+            _refuse_string("eventName", name, event)
+        sid = event.get("sourceId")
+        if sid is None:
+            sid = self._source_id
+            if sid is None:
+                raise InvalidEvent("sourceId", "missing, and no sourceId is configured")
+            event["sourceId"] = sid
+        elif type(sid) is not str or not sid:
+            _refuse_string("sourceId", sid, event)
+        try:
+            data = _json_encode(event).encode("utf-8")
+        except _ENCODE_ERRORS as exc:
+            raise _explain(event, exc) from None
+        if len(data) > self._max_bytes:
+            raise InvalidEvent(
+                "event",
+                f"encoded size {len(data)} bytes exceeds max_event_bytes {self._max_bytes}",
+            )
+        return data
+
+    def encode(self, event: Mapping[str, Any]) -> bytes:
+        """Encode a caller's mapping without touching it."""
+        if not isinstance(event, Mapping):
+            raise InvalidEvent("event", f"must be a mapping, not {type(event).__name__}")
+        return self.encode_owned(dict(event))
+
+    def encode_many(self, events: Iterable[Mapping[str, Any]]) -> list[bytes]:
+        """Encode a batch; the first invalid event raises, naming its index."""
+        out = []
+        for index, event in enumerate(events):
+            try:
+                out.append(self.encode(event))
+            except InvalidEvent as exc:
+                raise InvalidEvent(f"events[{index}].{exc.field}", exc.reason) from None
+        return out
+
+
+def _refuse_timestamp(ts: object) -> None:
+    if type(ts) is not int:
+        raise InvalidEvent(
+            "timestamp", f"must be an integer of epoch milliseconds, not {type(ts).__name__}"
+        )
+    raise InvalidEvent("timestamp", f"must be >= 0, not {ts}")
+
+
+def _refuse_string(field: str, value: object, event: Mapping[str, Any]) -> None:
+    if field not in event:
+        raise InvalidEvent(field, "missing")
+    if type(value) is not str:
+        raise InvalidEvent(field, f"must be a string, not {type(value).__name__}")
+    raise InvalidEvent(field, "must not be empty")
+
+
+def _explain(event: Mapping[str, Any], exc: BaseException) -> InvalidEvent:
+    """Find which field broke encoding and say why, after the fast path failed."""
+    for key, value in event.items():
+        if not isinstance(key, str):
+            return InvalidEvent(repr(key)[:80], "property names must be strings")
+        try:
+            _json_encode(value).encode("utf-8")
+        except RecursionError:
+            return InvalidEvent(key, "nested too deeply to encode as JSON")
+        except _ENCODE_ERRORS as inner:
+            return InvalidEvent(key, _reason(value, inner))
+    return InvalidEvent("event", f"not JSON-serialisable: {type(exc).__name__}")
+
+
+def _reason(value: object, exc: BaseException) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not allowed in JSON"
+    if isinstance(exc, UnicodeError):
+        return "string is not valid Unicode (lone surrogate)"
+    if isinstance(exc, ValueError) and "Circular" in str(exc):
+        return "contains a circular reference"
+    if isinstance(exc, ValueError) and "compliant" in str(exc):
+        return "contains NaN or Infinity, which JSON does not allow"
+    text = str(exc)
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return f"not JSON-serialisable ({text})"

@@ -1,0 +1,123 @@
+"""Command line for the reference Ingestion API server: ``python -m samsara_mp.ingest``.
+
+Runs ``IngestServer`` in the foreground until SIGTERM or SIGINT, announcing
+readiness as one JSON line on stdout (and optionally in a ready file) so a
+parent process (a test, a benchmark, ``samsara-mp ingest-server``) can wait
+for it instead of guessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from samsara_mp.ingest.server import STORES, IngestServer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the server's options to ``parser`` (for reuse as a subcommand)."""
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: loopback only)"
+    )
+    parser.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
+    parser.add_argument("--admin-port", type=int, default=0, help="admin port (0: any free port)")
+    parser.add_argument("--no-admin", action="store_true", help="run no admin listener")
+    parser.add_argument("--out", default=None, help="JSON-lines file for accepted events")
+    parser.add_argument(
+        "--store",
+        choices=STORES,
+        default=None,
+        help='where accepted events go (default: "file" with --out, else "memory")',
+    )
+    parser.add_argument("--prefix", default="", help="path prefix before /v1/... on the API port")
+    parser.add_argument("--ready-file", default=None, help="also write the ready JSON line here")
+    parser.add_argument("--offline", action="store_true", help="start with api-status offline")
+    parser.add_argument("--verbose", action="store_true", help="log each request to stderr")
+    return parser
+
+
+def build_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    return add_arguments(
+        argparse.ArgumentParser(
+            prog=prog or "python -m samsara_mp.ingest",
+            description="Reference Samsara Ingestion API server (for local runs and tests).",
+        )
+    )
+
+
+def _write_atomically(path: str, text: str) -> None:
+    # A parent polling for the file must never read half of it.
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".ready-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT (or until the process is told to stop); returns 0."""
+    store = args.store or ("file" if args.out else "memory")
+    if store in ("file", "both") and not args.out:
+        print(f"--store {store} needs --out FILE", file=sys.stderr)
+        return 2
+    server = IngestServer(
+        host=args.host,
+        port=args.port,
+        admin_port=None if args.no_admin else args.admin_port,
+        out_path=args.out,
+        store=store,
+        prefix=args.prefix,
+        verbose=args.verbose,
+    )
+    stop = threading.Event()
+    previous: dict[int, Any] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, on_signal)
+    try:
+        server.start()
+        if args.offline:
+            server.set_online(False)
+        ready = json.dumps(
+            {
+                "url": server.url,
+                "admin_url": server.admin_url if not args.no_admin else None,
+                "pid": os.getpid(),
+            }
+        )
+        if args.ready_file:
+            _write_atomically(args.ready_file, ready + "\n")
+        print(ready, flush=True)
+        stop.wait()
+    finally:
+        server.stop()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_arg_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""IPC between workers and the publisher, with a deadline on every wait.
+
+Built on ``multiprocessing.connection`` (the transport under
+``multiprocessing.managers``: Unix socket, HMAC authkey handshake, pickled
+messages). The manager's proxies cannot bound a call: a publisher that is
+SIGSTOPped or deadlocked would hang a worker's shipper for ever. Here every
+send and receive, the handshake included, runs on a non-blocking socket
+under a deadline, and the server does each handshake on the connection's own
+thread, so one stuck peer cannot stall the others.
+
+Messages are tuples ``(method, args)``; answers are ``("ok", value)`` or
+``("error", "message")``. The authkey file is the trust boundary: anyone who
+can read it can make the publisher unpickle what they send.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import (
+    AuthenticationError,
+    Connection,
+    answer_challenge,
+    deliver_challenge,
+)
+from typing import Any
+
+__all__ = ["IPCError", "IPCTimeout", "TimedConnection", "connect", "Server"]
+
+log = logging.getLogger("samsara_mp")
+
+
+class IPCError(OSError):
+    """The publisher could not be reached or answered with an error."""
+
+
+class IPCTimeout(IPCError, TimeoutError):
+    """The publisher did not answer within the IPC timeout."""
+
+
+class TimedConnection(Connection):
+    """A ``Connection`` whose every read and write gives up after ``timeout`` seconds."""
+
+    timeout: float = 5.0
+
+    def __init__(self, handle: int, timeout: float) -> None:
+        os.set_blocking(handle, False)
+        super().__init__(handle)
+        self.timeout = timeout
+
+    def _wait(self, handle: int, for_write: bool, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise IPCTimeout(errno.ETIMEDOUT, "publisher did not answer in time")
+        if for_write:
+            ready = select.select([], [handle], [], remaining)[1]
+        else:
+            ready = select.select([handle], [], [], remaining)[0]
+        if not ready:
+            raise IPCTimeout(errno.ETIMEDOUT, "publisher did not answer in time")
+
+    def _send(self, buf: Any, write: Callable[[int, Any], int] = os.write) -> None:
+        handle = self._handle  # type: ignore[attr-defined]
+        deadline = time.monotonic() + self.timeout
+        view = memoryview(buf)
+        while view:
+            try:
+                n = write(handle, view)
+            except BlockingIOError:
+                self._wait(handle, True, deadline)
+                continue
+            view = view[n:]
+
+    def _recv(self, size: int, read: Callable[[int, int], bytes] = os.read) -> Any:
+        import io
+
+        handle = self._handle  # type: ignore[attr-defined]
+        deadline = time.monotonic() + self.timeout
+        buf = io.BytesIO()
+        remaining = size
+        while remaining > 0:
+            try:
+                chunk = read(handle, remaining)
+            except BlockingIOError:
+                self._wait(handle, False, deadline)
+                continue
+            if not chunk:
+                if remaining == size:
+                    raise EOFError
+                raise OSError("got end of file during message")
+            buf.write(chunk)
+            remaining -= len(chunk)
+        return buf
+
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """Send one request and wait for its answer, bounded by the timeout."""
+        saved = self.timeout
+        if timeout is not None:
+            self.timeout = timeout
+        try:
+            self.send((method, args))
+            kind, value = self.recv()
+        finally:
+            self.timeout = saved
+        if kind != "ok":
+            raise IPCError(errno.EPROTO, f"publisher refused {method}: {value}")
+        return value
+
+
+def connect(path: str, authkey: bytes, timeout: float) -> TimedConnection:
+    """Connect and authenticate to a publisher's socket, all within ``timeout``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise IPCError(exc.errno or errno.ECONNREFUSED, f"cannot connect to {path}: {exc}") from exc
+    conn = TimedConnection(sock.detach(), timeout)
+    try:
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
+    except (AuthenticationError, EOFError, OSError) as exc:
+        conn.close()
+        if isinstance(exc, IPCError):
+            raise
+        raise IPCError(errno.EACCES, f"handshake with {path} failed: {exc}") from exc
+    return conn
+
+
+Handler = Callable[[str, tuple[Any, ...]], Any]
+
+
+class Server:
+    """Accepts authenticated connections on a Unix socket; a thread per connection."""
+
+    def __init__(
+        self, path: str, authkey: bytes, handler: Handler, handshake_timeout: float = 5.0
+    ) -> None:
+        self.path = path
+        self._authkey = authkey
+        self._handler = handler
+        self._handshake_timeout = handshake_timeout
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            self._sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        self._sock.listen(128)
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: set[TimedConnection] = set()
+        self.clients = 0
+
+    def serve_forever(self) -> None:
+        """Accept until :meth:`close`; returns then."""
+        while not self._closed.is_set():
+            try:
+                ready = select.select([self._sock], [], [], 0.5)[0]
+                if not ready:
+                    continue
+                client, _ = self._sock.accept()
+            except OSError:
+                if self._closed.is_set():
+                    return
+                raise
+            threading.Thread(
+                target=self._serve_client, args=(client,), name="samsara-mp-ipc", daemon=True
+            ).start()
+
+    def _serve_client(self, client: socket.socket) -> None:
+        client.setblocking(True)
+        conn = TimedConnection(client.detach(), self._handshake_timeout)
+        try:
+            deliver_challenge(conn, self._authkey)
+            answer_challenge(conn, self._authkey)
+        except (AuthenticationError, EOFError, OSError) as exc:
+            log.warning("samsara_mp publisher refused a connection: %s", exc)
+            conn.close()
+            return
+        # After the handshake the peer may stay quiet for long; only replies are bounded.
+        conn.timeout = 60.0
+        with self._lock:
+            self._conns.add(conn)
+            self.clients += 1
+        try:
+            while not self._closed.is_set():
+                try:
+                    if not conn.poll(1.0):
+                        continue
+                    method, args = conn.recv()
+                except (EOFError, OSError):
+                    return
+                try:
+                    answer = ("ok", self._handler(method, args))
+                except Exception as exc:  # noqa: BLE001 - the peer gets the error text
+                    log.debug("ipc handler error for %s", method, exc_info=True)
+                    answer = ("error", f"{type(exc).__name__}: {exc}")
+                try:
+                    conn.timeout = self._handshake_timeout
+                    conn.send(answer)
+                except OSError:
+                    return
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+                self.clients -= 1
+            conn.close()
+
+    def close(self) -> None:
+        """Stop accepting and remove the socket file."""
+        self._closed.set()
+        try:
+            self._sock.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

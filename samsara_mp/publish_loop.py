@@ -1,0 +1,204 @@
+"""The publish loop: a thread in the publisher process that empties the buffer.
+
+It waits until a full batch is buffered, a flush is asked for, or the
+``publish_interval`` tick finds at least ``min_buffer_size`` events (or events
+that have waited a whole interval below that minimum); then it peeks a batch,
+settles it with the API, commits the outcome to the buffer, and on a
+retryable failure backs off as the ``RetryPolicy`` says, keeping the events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .buffer import SharedBuffer
+from .config import Config
+from .delivery import Outcome, settle
+from .retry import RetryPolicy
+from .transport import Transport
+
+__all__ = ["PublishLoop"]
+
+log = logging.getLogger("samsara_mp")
+
+
+class PublishLoop:
+    """Owns the publishing thread of one publisher; start, flush, drain, stop."""
+
+    def __init__(
+        self,
+        buffer: SharedBuffer,
+        config: Config,
+        transport: Transport | None = None,
+        policy: RetryPolicy | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self.buffer = buffer
+        self.config = config
+        self.transport = transport or Transport(
+            config.endpoint, config.send_timeout_s, config.compression, config.compression_level
+        )
+        self.policy = policy or RetryPolicy(
+            base=config.backoff_base / 1000.0, cap=config.backoff_cap / 1000.0
+        )
+        self._on_outcome = on_outcome
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._draining = False
+        self._drain_deadline = 0.0
+        self._flush_target = -1
+        self._failures = 0
+        self._kick = False
+        self._lock = threading.Lock()
+        self.stats: dict[str, Any] = {
+            "batches": 0,
+            "requests": 0,
+            "bytes_raw": 0,
+            "bytes_sent": 0,
+            "retries": 0,
+            "failed_attempts": 0,
+            "statuses": {},
+            "last_error": None,
+            "last_error_at": None,
+            "last_success_at": None,
+            "backoff_until": None,
+        }
+
+    # ---- control ----
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="samsara-mp-publish", daemon=True)
+        self._thread.start()
+
+    def request_flush(self) -> int:
+        """Publish everything buffered now, ignoring the interval; returns the target seq."""
+        target = self.buffer.tail_seq
+        with self._lock:
+            self._flush_target = max(self._flush_target, target)
+            # A flush means "try now": it cuts a backoff wait short, once.
+            self._kick = True
+        self.buffer.wake()
+        return target
+
+    def wait_flushed(self, target: int, timeout: float) -> bool:
+        """Wait until every event before ``target`` has left the buffer, or timeout."""
+        return self.buffer.wait(lambda: self.buffer.head_seq >= target, timeout)
+
+    def drain(self, timeout: float) -> bool:
+        """Publish what is left within ``timeout``, then stop; True when the buffer emptied."""
+        self._drain_deadline = time.monotonic() + timeout
+        self._draining = True
+        with self._lock:
+            self._kick = True  # the drain's first try does not wait out an old backoff
+        self.buffer.wake()
+        if self._thread is not None:
+            self._thread.join(timeout + self.config.send_timeout_s + 1.0)
+        self._stop.set()
+        return len(self.buffer) == 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.buffer.wake()
+        if self._thread is not None:
+            self._thread.join(self.config.send_timeout_s + 1.0)
+
+    # ---- the loop ----
+    def _run(self) -> None:
+        try:
+            while self._wait_for_work():
+                self._publish_one()
+        except Exception:  # noqa: BLE001 - the loop must say why it died
+            log.exception("samsara_mp: publish loop crashed")
+            raise
+        finally:
+            self.transport.close()
+
+    def _ready(self) -> bool:
+        """Called under the buffer's lock: is there a reason to publish right now?"""
+        if self._stop.is_set() or self._draining:
+            return True
+        n = len(self.buffer)
+        if not n:
+            return False
+        cfg = self.config
+        return (
+            n >= cfg.max_batch_size
+            or self.buffer.nbytes >= cfg.max_batch_bytes
+            or self.buffer.head_seq < self._flush_target
+        )
+
+    def _wait_for_work(self) -> bool:
+        interval = self.config.publish_interval_s
+        next_tick = time.monotonic() + interval
+        while True:
+            if self._stop.is_set():
+                return False
+            if self._draining:
+                return len(self.buffer) > 0 and time.monotonic() < self._drain_deadline
+            if self._ready():
+                return True
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + interval
+                n = len(self.buffer)
+                if n and (n >= self.config.min_buffer_size or self.buffer.oldest_age() >= interval):
+                    return True
+            self.buffer.wait(self._ready, max(next_tick - time.monotonic(), 0.0))
+
+    def _publish_one(self) -> None:
+        cfg = self.config
+        batch = self.buffer.peek(cfg.max_batch_size, cfg.max_batch_bytes)
+        if not batch.payloads:
+            return
+        outcome = settle(self.transport, batch.payloads)
+        self.buffer.commit(batch, outcome.delivered, outcome.rejected)
+        self._account(outcome)
+        if self._on_outcome is not None:
+            try:
+                self._on_outcome(outcome)
+            except Exception:  # noqa: BLE001 - a user hook must not stop publishing
+                log.exception("samsara_mp: outcome hook failed")
+        if outcome.retry:
+            self._backoff(outcome)
+        else:
+            if self._failures:
+                log.info("samsara_mp: API reachable again after %d failed tries", self._failures)
+            self._failures = 0
+
+    def _account(self, outcome: Outcome) -> None:
+        s = self.stats
+        s["batches"] += 1
+        s["requests"] += outcome.requests
+        s["bytes_raw"] += outcome.raw_bytes
+        s["bytes_sent"] += outcome.sent_bytes
+        for status, count in outcome.statuses.items():
+            s["statuses"][status] = s["statuses"].get(status, 0) + count
+        if outcome.delivered:
+            s["last_success_at"] = time.time()
+        if outcome.error:
+            s["last_error"] = outcome.error
+            s["last_error_at"] = time.time()
+
+    def _backoff(self, outcome: Outcome) -> None:
+        with self._lock:
+            self._failures += 1
+            failures = self._failures
+        self.stats["failed_attempts"] += 1
+        self.stats["retries"] += 1
+        delay = self.policy.delay(failures, outcome.retry_after)
+        if failures == 1 or delay >= 1.0:
+            log.warning(
+                "samsara_mp: publish failed (%s); %d events kept, retry %d in %.2fs",
+                outcome.error, len(self.buffer), failures, delay,
+            )
+        if self._draining:
+            delay = min(delay, max(self._drain_deadline - time.monotonic(), 0.0))
+        self.stats["backoff_until"] = time.time() + delay
+        # A flush request or a stop cuts the wait short; new pushes do not.
+        self.buffer.wait(lambda: self._stop.is_set() or self._kick, delay)
+        with self._lock:
+            self._kick = False
+        self.stats["backoff_until"] = None

@@ -1,0 +1,250 @@
+"""The publisher process: holds the channel's lock, serves the buffer, runs the loop.
+
+Exactly one per channel. It takes the election lock without blocking (and
+exits with status 3 when another process holds it), serves the SharedBuffer
+to workers over the channel's Unix socket, runs the publish loop, and on
+SIGTERM/SIGINT, the end of its owner, or a long idle spell with no clients,
+stops taking pushes, drains within ``shutdown_timeout`` and spools what the
+API did not take in time. :class:`Publisher` is the owner's handle on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from .buffer import SharedBuffer
+from .channel import Channel
+from .config import Config
+from .errors import ChannelError
+from .ipc import IPCError, Server
+from .publish_loop import PublishLoop
+from .spool import Spool
+
+__all__ = ["Publisher", "PublisherProcess", "main", "EXIT_LOST_ELECTION"]
+
+log = logging.getLogger("samsara_mp")
+
+EXIT_LOST_ELECTION = 3
+_MAX_REMEMBERED_CLIENTS = 10_000
+
+
+class PublisherProcess:
+    """What runs inside the publisher process."""
+
+    def __init__(self, config: Config, owner_pid: int | None = None) -> None:
+        self.config = config
+        self.owner_pid = owner_pid
+        self.channel = Channel(config)
+        self.buffer = SharedBuffer(config.max_buffer_size)
+        self.loop = PublishLoop(self.buffer, config)
+        self.spool = Spool(config.spool_dir or str(self.channel.dir / "spool"))
+        self._stop = threading.Event()
+        self._accepting = True
+        self._started = time.time()
+        self._server: Server | None = None
+        self._restored = 0
+        self._spooled = 0
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Serve until stopped; the process's exit status."""
+        self.channel.ensure_dir()
+        lock = self.channel.try_lock()
+        if lock is None:
+            log.info("samsara_mp: channel %s already has a publisher", self.channel.name)
+            return EXIT_LOST_ELECTION
+        try:
+            return self._serve()
+        finally:
+            try:
+                self.channel.info_path.unlink()
+            except FileNotFoundError:
+                pass
+            lock.release()
+
+    def _serve(self) -> int:
+        key = self.channel.ensure_authkey()
+        try:
+            os.unlink(self.channel.socket_path)  # a dead publisher's; we hold the lock
+        except FileNotFoundError:
+            pass
+        self._restore_spool()
+        server = Server(self.channel.socket_path, key, self._handle)
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="samsara-mp-accept", daemon=True).start()
+        self.loop.start()
+        self.channel.write_info(
+            {"pid": os.getpid(), "started_at": self._started, "channel": self.channel.name,
+             "url": self.config.url, "owner_pid": self.owner_pid}
+        )
+        log.info("samsara_mp: publisher %d serving channel %s", os.getpid(), self.channel.name)
+        idle_since = time.monotonic()
+        while not self._stop.wait(0.2):
+            if self.owner_pid is not None and not _alive(self.owner_pid):
+                log.info("samsara_mp: owner %d ended; draining", self.owner_pid)
+                break
+            if server.clients or len(self.buffer):
+                idle_since = time.monotonic()
+            elif self.config.idle_timeout and time.monotonic() - idle_since >= self.config.idle_timeout_s:
+                log.info("samsara_mp: idle with no clients; exiting")
+                break
+        self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        self._accepting = False
+        drained = self.loop.drain(self.config.shutdown_timeout_s)
+        if not drained:
+            left = self.buffer.drain_all()
+            if left:
+                path = self.spool.write(left)
+                self._spooled = len(left)
+                log.warning("samsara_mp: spooled %d undelivered events to %s", len(left), path)
+        if self._server is not None:
+            self._server.close()
+
+    def _restore_spool(self) -> None:
+        for payloads in self.spool.take_all():
+            self.buffer.push(payloads, recorded=0)
+            self._restored += len(payloads)
+        if self._restored:
+            log.info("samsara_mp: resending %d spooled events first", self._restored)
+
+    # ---- IPC ----
+    def _handle(self, method: str, args: tuple[Any, ...]) -> Any:
+        if method == "push":
+            if not self._accepting:
+                raise ChannelError("publisher is shutting down")
+            return self.buffer.push(*args)
+        if method == "stats":
+            return self.stats()
+        if method == "flush":
+            (timeout,) = args
+            target = self.loop.request_flush()
+            return self.loop.wait_flushed(target, float(timeout))
+        if method == "ping":
+            return os.getpid()
+        if method == "bye":
+            return None
+        raise ValueError(f"unknown method {method!r}")
+
+    def stats(self) -> dict[str, Any]:
+        snap = self.buffer.snapshot()
+        snap.update(
+            {k: v for k, v in self.loop.stats.items() if k != "statuses"},
+            statuses={str(k): v for k, v in self.loop.stats["statuses"].items()},
+            restored=self._restored,
+            spooled=self._spooled,
+            publisher_pid=os.getpid(),
+            uptime_s=time.time() - self._started,
+            connected_clients=self._server.clients if self._server else 0,
+            channel=self.channel.name,
+            url=self.config.url,
+        )
+        return snap
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Publisher:
+    """An owner's handle: start the channel's publisher process, and stop it with a drain.
+
+    A gunicorn master, a Celery main process or a ``Pool``'s parent uses this so
+    that workers only connect. The publisher also stops by itself when its
+    owner process ends.
+    """
+
+    def __init__(self, config: Config | None = None, **kwargs: Any) -> None:
+        self.config = config if config is not None else Config.build(**kwargs)
+        self.channel = Channel(self.config)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout: float = 15.0) -> Publisher:
+        """Start the publisher and wait until it answers; raise ``ChannelError`` if it cannot."""
+        self._proc = self.channel.spawn_publisher(owner_pid=os.getpid(), idle_timeout=0)
+        if not self.channel.wait_connectable(timeout, self._proc):
+            code = self._proc.poll()
+            if code == EXIT_LOST_ELECTION:
+                raise ChannelError(f"channel {self.channel.name} already has a publisher")
+            self.stop(timeout=1.0)
+            raise ChannelError(
+                f"publisher for channel {self.channel.name} did not start "
+                f"(exit {code}); see {self.channel.dir / 'publisher.log'}"
+            )
+        return self
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM the publisher and wait for its drain; its exit status."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if timeout is None:
+            timeout = self.config.shutdown_timeout_s + self.config.send_timeout_s + 5.0
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(5.0)
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        conn = self.channel.connect(timeout)
+        try:
+            result: dict[str, Any] = conn.call("stats")
+            return result
+        finally:
+            conn.close()
+
+    def __enter__(self) -> Publisher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m samsara_mp.publisher")
+    parser.add_argument("--config", required=True, help="the Config as JSON")
+    parser.add_argument("--owner-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format="%(asctime)s samsara_mp publisher[%(process)d] %(levelname)s %(message)s",
+    )
+    config = Config.build(env={}, **json.loads(args.config))
+    proc = PublisherProcess(config, owner_pid=args.owner_pid)
+    signal.signal(signal.SIGTERM, proc.request_stop)
+    signal.signal(signal.SIGINT, proc.request_stop)
+    try:
+        return proc.run()
+    except (ChannelError, IPCError, OSError) as exc:
+        log.error("samsara_mp: publisher failed: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The backoff policy: how long until the next try, and whether a status is retryable.
+
+A frozen object; the publish loop only asks it. Exponential backoff with full
+jitter (a uniform draw between 0 and the capped exponential), overridden by a
+server's ``Retry-After`` when it gives one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+
+__all__ = ["RetryPolicy", "parse_retry_after", "is_retryable_status"]
+
+_RETRYABLE = frozenset({408, 429})
+
+
+def is_retryable_status(status: int) -> bool:
+    """408, 429 and every 5xx are worth trying again as a whole."""
+    return status in _RETRYABLE or 500 <= status <= 599
+
+
+def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, capped; ``Retry-After`` wins when given."""
+
+    base: float = 0.1
+    cap: float = 30.0
+    max_retry_after: float = 300.0
+    rng: Callable[[float, float], float] = field(default=random.uniform, compare=False)
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before try number ``attempt + 1`` (``attempt`` counts failures, from 1)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_retry_after)
+        exp = min(self.cap, self.base * (2 ** min(max(attempt - 1, 0), 32)))
+        return self.rng(0.0, exp)
+
+    def ceiling(self, attempt: int) -> float:
+        """The largest delay a jittered draw may give for ``attempt``."""
+        return min(self.cap, self.base * (2 ** min(max(attempt - 1, 0), 32)))

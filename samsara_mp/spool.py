@@ -1,0 +1,72 @@
+"""Spool: what a stopping publisher could not deliver in time, kept for the next one.
+
+One file per shutdown, one encoded event per line (compact JSON never holds a
+raw newline), written to a temporary name and renamed, so a reader sees whole
+files only. A line that does not parse as JSON (a torn or corrupt file) is
+reported and skipped; the rest of the file is still resent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+__all__ = ["Spool"]
+
+log = logging.getLogger("samsara_mp")
+
+
+class Spool:
+    """A directory of spool files, written at shutdown and taken at start."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = Path(directory)
+        self.corrupt_lines = 0
+
+    def write(self, payloads: Sequence[bytes]) -> Path:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = f"spool-{time.time_ns()}-{os.getpid()}.jsonl"
+        tmp = self.dir / ("." + name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\n".join(payloads))
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        final = self.dir / name
+        os.replace(tmp, final)
+        return final
+
+    def files(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(self.dir.glob("spool-*.jsonl"))
+
+    def take_all(self) -> Iterator[list[bytes]]:
+        """Yield each spool file's valid events, oldest file first, removing the file."""
+        for path in self.files():
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                log.error("samsara_mp: cannot read spool file %s: %s", path, exc)
+                continue
+            good: list[bytes] = []
+            for lineno, line in enumerate(data.split(b"\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    self.corrupt_lines += 1
+                    log.error("samsara_mp: skipping corrupt line %d of spool file %s", lineno, path)
+                    continue
+                if not isinstance(obj, dict):
+                    self.corrupt_lines += 1
+                    continue
+                good.append(line)
+            path.unlink()
+            yield good

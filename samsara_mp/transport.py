@@ -1,0 +1,109 @@
+"""HTTP to the Samsara Ingestion API: join, compress, POST, classify the answer.
+
+One ``requests.Session`` per transport, so the publisher reuses its
+connection. Events arrive already encoded; the body is their bytes joined into
+one JSON array.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from .helpers import current_time_millis
+
+__all__ = ["Transport", "HTTPAnswer", "TransportError", "PUBLISHED_TIMESTAMP_HEADER"]
+
+log = logging.getLogger("samsara_mp")
+
+PUBLISHED_TIMESTAMP_HEADER = "X-Samsara-publishedTimestamp"
+
+
+@dataclass
+class HTTPAnswer:
+    """What the API said to one POST."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    raw_bytes: int
+    sent_bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status <= 299
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+    def text(self, limit: int = 500) -> str:
+        return self.body[:limit].decode("utf-8", "replace")
+
+
+@dataclass
+class TransportError(Exception):
+    """The POST got no HTTP answer (refused, reset, timed out)."""
+
+    message: str
+    raw_bytes: int = 0
+    cause: BaseException | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def join_events(payloads: Sequence[bytes]) -> bytes:
+    """The JSON array of already-encoded events."""
+    return b"[" + b",".join(payloads) + b"]"
+
+
+def gzip_bytes(data: bytes, level: int) -> bytes:
+    comp = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return comp.compress(data) + comp.flush()
+
+
+class Transport:
+    """POSTs batches to ``{url}/v1/events`` with the headers the API expects."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_s: float,
+        compression: str = "gzip",
+        compression_level: int = 1,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout = (timeout_s, timeout_s)
+        self.gzip = compression == "gzip"
+        self.level = compression_level
+        self.session = session or requests.Session()
+        self.session.trust_env = False  # never route loopback or the API through a proxy env
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Content-Encoding": "gzip" if self.gzip else "identity",
+        }
+
+    def post(self, payloads: Sequence[bytes]) -> HTTPAnswer:
+        """Send one batch; return the answer, or raise ``TransportError``."""
+        raw = join_events(payloads)
+        body = gzip_bytes(raw, self.level) if self.gzip else raw
+        headers = dict(self._headers)
+        headers[PUBLISHED_TIMESTAMP_HEADER] = str(current_time_millis())
+        try:
+            resp = self.session.post(self.endpoint, data=body, headers=headers, timeout=self.timeout)
+            content = resp.content
+        except requests.RequestException as exc:
+            raise TransportError(f"{type(exc).__name__}: {exc}", len(raw), exc) from exc
+        return HTTPAnswer(resp.status_code, dict(resp.headers), content, len(raw), len(body))
+
+    def close(self) -> None:
+        self.session.close()
