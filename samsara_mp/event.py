@@ -95,7 +95,7 @@ def _refuse_timestamp(ts: object) -> None:
 
 
 def _refuse_string(field: str, value: object, event: Mapping[str, Any]) -> None:
-    if field not in event:
+    if value is None:
         raise InvalidEvent(field, "missing")
     if type(value) is not str:
         raise InvalidEvent(field, f"must be a string, not {type(value).__name__}")

@@ -1,0 +1,92 @@
+"""Shared fixtures: a real ingestion server on loopback, private runtime dirs, owned publishers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from samsara_mp import Publisher
+from samsara_mp.ingest import IngestServer
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it is truthy or the deadline passes; fail with what it saw."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {last!r}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+@pytest.fixture
+def server() -> Iterator[IngestServer]:
+    srv = IngestServer(store="memory")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[str]:
+    # Short, private paths: a Unix socket path must stay under ~100 bytes.
+    path = tempfile.mkdtemp(prefix="smp-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        _kill_publishers_in(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _kill_publishers_in(path: str) -> None:
+    """Stop, by pid, any publisher a test elected under ``path`` and did not stop itself."""
+    import json
+
+    for root, _dirs, files in os.walk(path):
+        if "publisher.json" in files:
+            try:
+                with open(os.path.join(root, "publisher.json")) as f:
+                    pid = int(json.load(f)["pid"])
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
+                pass
+
+
+@pytest.fixture
+def fast_config(server: IngestServer, runtime_dir: str) -> dict[str, Any]:
+    """Settings that make a test publish quickly and retry fast."""
+    return {
+        "url": server.url,
+        "runtime_dir": runtime_dir,
+        "channel": "t",
+        "publish_interval": 50,
+        "min_buffer_size": 1,
+        "max_buffer_size": 100_000,
+        "backoff_base": 10,
+        "backoff_cap": 200,
+        "send_timeout": 5_000,
+        "shutdown_timeout": 5_000,
+    }
+
+
+@pytest.fixture
+def publisher(fast_config: dict[str, Any]) -> Iterator[Publisher]:
+    pub = Publisher(**fast_config).start()
+    try:
+        yield pub
+    finally:
+        pub.stop()

@@ -1,0 +1,99 @@
+"""Configuration: original keys and defaults kept, every bad value refused by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from samsara_mp import Config, InvalidConfiguration, SamsaraClient
+
+URL = "http://127.0.0.1:9000"
+
+
+def test_original_defaults_are_kept() -> None:
+    c = Config.build(env={}, url=URL)
+    assert (c.start_publishing_thread, c.publish_interval, c.max_buffer_size, c.min_buffer_size,
+            c.send_timeout, c.compression, c.send_client_stats) == (
+        True, 30_000, 10_000, 100, 30_000, "gzip", True)
+
+
+def test_milliseconds_are_not_rounded_to_seconds() -> None:
+    c = Config.build(env={}, url=URL, publish_interval=1_500, send_timeout=250)
+    assert c.publish_interval_s == 1.5
+    assert c.send_timeout_s == 0.25
+
+
+def test_compression_none_is_accepted_in_both_spellings() -> None:
+    assert Config.build(env={}, url=URL, compression="none").compression == "none"
+    assert Config.build(env={}, url=URL, compression=None).compression == "none"
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"url": None}, "url"),
+    ({"url": "ftp://host"}, "url"),
+    ({"url": "not a url"}, "url"),
+    ({"sourceId": ""}, "sourceId"),
+    ({"sourceId": 5}, "sourceId"),
+    ({"start_publishing_thread": "yes"}, "start_publishing_thread"),
+    ({"send_client_stats": 1}, "send_client_stats"),
+    ({"publish_interval": 0}, "publish_interval"),
+    ({"publish_interval": 1.5}, "publish_interval"),
+    ({"publish_interval": True}, "publish_interval"),
+    ({"max_buffer_size": -1}, "max_buffer_size"),
+    ({"min_buffer_size": -1}, "min_buffer_size"),
+    ({"min_buffer_size": 20, "max_buffer_size": 10}, "min_buffer_size"),
+    ({"send_timeout": 0}, "send_timeout"),
+    ({"compression": "brotli"}, "compression"),
+    ({"compression_level": 10}, "compression_level"),
+    ({"channel": "../etc"}, "channel"),
+    ({"channel": ""}, "channel"),
+    ({"max_batch_size": 0}, "max_batch_size"),
+    ({"staging_size": 0}, "staging_size"),
+    ({"ipc_timeout": "2s"}, "ipc_timeout"),
+    ({"backoff_base": 100, "backoff_cap": 10}, "backoff_cap"),
+    ({"runtime_dir": ""}, "runtime_dir"),
+    ({"no_such_key": 1}, "no_such_key"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "key"), BAD)
+def test_bad_values_raise_naming_the_key(kwargs: dict[str, Any], key: str) -> None:
+    with pytest.raises(InvalidConfiguration) as info:
+        Config.build(env={}, **dict({"url": URL}, **kwargs))
+    assert info.value.key == key
+    assert key in str(info.value)
+
+
+def test_client_raises_invalid_configuration_too() -> None:
+    with pytest.raises(InvalidConfiguration) as info:
+        SamsaraClient(url=URL, max_buffer_size=0)
+    assert info.value.key == "max_buffer_size"
+
+
+def test_environment_fills_in_below_explicit_arguments() -> None:
+    env = {
+        "SAMSARA_MP_URL": URL,
+        "SAMSARA_MP_CHANNEL": "from-env",
+        "SAMSARA_MP_PUBLISH_INTERVAL": "250",
+        "SAMSARA_MP_SEND_CLIENT_STATS": "false",
+        "SAMSARA_MP_SOURCE_ID": "env-source",
+    }
+    c = Config.build(env=env)
+    assert (c.url, c.channel, c.publish_interval, c.send_client_stats, c.sourceId) == (
+        URL, "from-env", 250, False, "env-source")
+    c = Config.build(env=env, publish_interval=999, channel="explicit")
+    assert (c.publish_interval, c.channel) == (999, "explicit")
+
+
+def test_bad_environment_value_names_the_key() -> None:
+    with pytest.raises(InvalidConfiguration) as info:
+        Config.build(env={"SAMSARA_MP_URL": URL, "SAMSARA_MP_MAX_BUFFER_SIZE": "lots"})
+    assert info.value.key == "max_buffer_size"
+
+
+def test_same_url_means_same_channel() -> None:
+    a = Config.build(env={}, url=URL)
+    b = Config.build(env={}, url=URL + "/")
+    assert a.channel_name == b.channel_name
+    assert a.channel_name != Config.build(env={}, url="http://other:1").channel_name

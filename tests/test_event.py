@@ -1,0 +1,144 @@
+"""Event validation, enrichment and encoding in the caller."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from samsara_mp import InvalidEvent, SamsaraClient
+from samsara_mp.event import EventEncoder
+
+
+def enc(**event: Any) -> dict[str, Any]:
+    data = EventEncoder("cfg-source", 64 * 1024, now=lambda: 1234).encode_owned(event)
+    decoded: dict[str, Any] = json.loads(data)
+    return decoded
+
+
+def test_missing_source_and_timestamp_are_filled_in() -> None:
+    assert enc(eventName="e") == {"eventName": "e", "timestamp": 1234, "sourceId": "cfg-source"}
+
+
+def test_given_source_and_zero_timestamp_are_kept() -> None:
+    assert enc(eventName="e", sourceId="d1", timestamp=0) == {
+        "eventName": "e", "sourceId": "d1", "timestamp": 0,
+    }
+
+
+def test_encoding_is_compact_utf8_json() -> None:
+    data = EventEncoder("s", 1024, now=lambda: 1).encode_owned({"eventName": "é", "a": [1, 2]})
+    assert data == '{"eventName":"é","a":[1,2],"timestamp":1,"sourceId":"s"}'.encode()
+
+
+class Unrepresentable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for you")
+
+
+circular: list[Any] = []
+circular.append(circular)
+
+deep: Any = []
+for _ in range(100_000):
+    deep = [deep]
+
+INVALID: list[tuple[dict[str, Any], str, str]] = [
+    ({}, "eventName", "missing"),
+    ({"eventName": ""}, "eventName", "empty"),
+    ({"eventName": 5}, "eventName", "must be a string"),
+    ({"eventName": None}, "eventName", "missing"),
+    ({"eventName": b"bytes"}, "eventName", "must be a string"),
+    ({"eventName": "e", "timestamp": -1}, "timestamp", ">= 0"),
+    ({"eventName": "e", "timestamp": 1.5}, "timestamp", "integer"),
+    ({"eventName": "e", "timestamp": True}, "timestamp", "integer"),
+    ({"eventName": "e", "timestamp": "123"}, "timestamp", "integer"),
+    ({"eventName": "e", "timestamp": Decimal(1)}, "timestamp", "integer"),
+    ({"eventName": "e", "sourceId": ""}, "sourceId", "empty"),
+    ({"eventName": "e", "sourceId": 7}, "sourceId", "must be a string"),
+    ({"eventName": "e", "x": float("nan")}, "x", "nan"),
+    ({"eventName": "e", "x": float("inf")}, "x", "inf"),
+    ({"eventName": "e", "x": [1.0, -math.inf]}, "x", "nan or infinity"),
+    ({"eventName": "e", "x": object()}, "x", "not json-serialisable"),
+    ({"eventName": "e", "x": b"raw"}, "x", "not json-serialisable"),
+    ({"eventName": "e", "x": {1, 2}}, "x", "not json-serialisable"),
+    ({"eventName": "e", "x": datetime.datetime(2020, 1, 1)}, "x", "not json-serialisable"),
+    ({"eventName": "e", "x": Unrepresentable()}, "x", "not json-serialisable"),
+    ({"eventName": "e", "x": circular}, "x", "circular"),
+    ({"eventName": "e", "x": deep}, "x", "nested too deeply"),
+    ({"eventName": "e", "x": {(1, 2): "tuple key"}}, "x", "not json-serialisable"),
+    ({"eventName": "e", "x": "\ud800"}, "x", "surrogate"),
+    ({"eventName": "e", "x": "y" * 70_000}, "event", "exceeds max_event_bytes"),
+    ({"eventName": "e" * 70_000}, "event", "exceeds max_event_bytes"),
+]
+
+
+@pytest.mark.parametrize(("event", "field", "reason"), INVALID)
+def test_invalid_events_name_the_field_and_reason(event: dict[str, Any], field: str, reason: str) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        EventEncoder("s", 64 * 1024).encode(event)
+    assert info.value.field == field
+    assert reason in str(info.value).lower()
+
+
+def test_missing_source_without_configured_one_is_refused() -> None:
+    with pytest.raises(InvalidEvent) as info:
+        EventEncoder(None, 1024).encode({"eventName": "e"})
+    assert info.value.field == "sourceId"
+
+
+def test_publish_events_names_the_index_of_the_bad_event(runtime_dir: str) -> None:
+    client = SamsaraClient(url="http://127.0.0.1:9/", sourceId="s", runtime_dir=runtime_dir,
+                           start_publishing_thread=False)
+    with pytest.raises(InvalidEvent) as info:
+        client.publish_events([{"eventName": "ok"}, {"eventName": "e", "timestamp": -5}])
+    assert info.value.field == "events[1].timestamp"
+    client.close()
+
+
+def test_record_event_refuses_without_staging_anything(runtime_dir: str) -> None:
+    client = SamsaraClient(url="http://127.0.0.1:9/", sourceId="s", runtime_dir=runtime_dir,
+                           start_publishing_thread=False)
+    with pytest.raises(InvalidEvent):
+        client.record_event(eventName="e", bad=float("nan"))
+    client.record_event(eventName="e", good=1)
+    local = client.stats()["local"]
+    assert local["recorded"] == 1 and local["staged"] == 1
+    client._staged.clear()  # nothing to ship: there is no server on port 9
+    client._unreported_recorded = 0
+    client.close(timeout=0.1)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.text(min_size=1),
+    source=st.text(min_size=1),
+    ts=st.integers(min_value=0, max_value=2**62),
+    props=st.dictionaries(
+        st.text().filter(lambda k: k not in ("eventName", "sourceId", "timestamp")), json_values,
+        max_size=6,
+    ),
+)
+def test_any_json_event_round_trips(name: str, source: str, ts: int, props: dict[str, Any]) -> None:
+    event = dict(props, eventName=name, sourceId=source, timestamp=ts)
+    try:
+        data = EventEncoder(None, 10**9).encode(event)
+    except InvalidEvent as exc:
+        # Only text that is not valid Unicode may be refused.
+        assert "surrogate" in str(exc)
+        return
+    assert json.loads(data) == event
