@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .client import SamsaraClient
+from .client import SamsaraClient, close_all, get_client, reset_after_fork, ship_all
 from .config import Config
 from .errors import (
     ChannelError,
@@ -31,6 +31,10 @@ __all__ = [
     "PublishError",
     "ChannelError",
     "current_time_millis",
+    "get_client",
+    "ship_all",
+    "close_all",
+    "reset_after_fork",
 ]
 
 __version__ = "0.1.0"

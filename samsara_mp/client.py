@@ -33,7 +33,7 @@ from .ipc import IPCError, TimedConnection
 from .publisher import EXIT_LOST_ELECTION
 from .transport import Transport
 
-__all__ = ["SamsaraClient"]
+__all__ = ["SamsaraClient", "get_client", "ship_all", "close_all", "reset_after_fork"]
 
 log = logging.getLogger("samsara_mp")
 
@@ -73,8 +73,9 @@ class SamsaraClient:
     def _init_process_state(self) -> None:
         self._pid = os.getpid()
         self._client_id = f"{self._pid}-{secrets.token_hex(6)}"
-        self._lock = threading.Lock()
-        self._ship_lock = threading.Lock()
+        # Re-entrant: a signal handler that flushes may interrupt record_event.
+        self._lock = threading.RLock()
+        self._ship_lock = threading.RLock()
         self._wake = threading.Event()
         self._staged: deque[bytes] = deque()
         self._staged_since = 0.0
@@ -95,7 +96,7 @@ class SamsaraClient:
     def _after_fork_in_child(self) -> None:
         # The child must not ship the parent's staged events (the parent will),
         # nor use its connection, locks or thread.
-        if self._closed:
+        if self._closed or self._pid == os.getpid():
             return
         had_shipper = self._shipper is not None
         conn = self._conn
@@ -116,6 +117,11 @@ class SamsaraClient:
         mp_util.Finalize(self, _exit_flush, args=(weakref.ref(self),), exitpriority=100)
 
     def _start_shipper(self) -> None:
+        mode = self.config.shipper
+        if mode == "inline" or (mode == "auto" and _uwsgi_without_threads()):
+            log.info("samsara_mp: shipping from record_event (shipper=%s)", mode)
+            self._threaded = False
+            return
         try:
             thread = threading.Thread(target=self._ship_loop, name="samsara-mp-shipper", daemon=True)
             thread.start()
@@ -403,12 +409,67 @@ class SamsaraClient:
         self.close()
 
 
-def _after_fork_in_child() -> None:
+def reset_after_fork() -> None:
+    """Give every client of this process fresh per-process state, if it was forked.
+
+    Runs by itself after ``os.fork()``; servers that fork from C without
+    Python's fork hooks (uWSGI) call it from their post-fork hook. Idempotent.
+    """
     for client in list(_ALL_CLIENTS):
         client._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=reset_after_fork)
+
+
+def ship_all(timeout: float = 5.0) -> bool:
+    """Push every client's staged events to the publisher, within ``timeout`` in all."""
+    deadline = time.monotonic() + timeout
+    done = True
+    for client in list(_ALL_CLIENTS):
+        if client._closed or client._pid != os.getpid():
+            continue
+        done = client.ship(max(deadline - time.monotonic(), 0.0)) and done
+    return done
+
+
+def close_all(timeout: float = 5.0) -> bool:
+    """Ship and close every client of this process, within ``timeout`` in all."""
+    deadline = time.monotonic() + timeout
+    done = True
+    for client in list(_ALL_CLIENTS):
+        if client._closed or client._pid != os.getpid():
+            continue
+        done = client.close(max(deadline - time.monotonic(), 0.0)) and done
+    return done
+
+
+_default_client: SamsaraClient | None = None
+_default_lock = threading.Lock()
+
+
+def get_client(**config: Any) -> SamsaraClient:
+    """This process's shared client, created on first use from ``config`` and the environment.
+
+    Integrations and application code call it alike, so one process has one
+    staging deque and one shipper however many modules record events.
+    """
+    global _default_client
+    with _default_lock:
+        client = _default_client
+        if client is None or client._closed:
+            client = _default_client = SamsaraClient(**config)
+        return client
+
+
+def _uwsgi_without_threads() -> bool:
+    try:
+        import uwsgi  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    opt = getattr(uwsgi, "opt", {}) or {}
+    value = opt.get("enable-threads", opt.get(b"enable-threads"))
+    return not value or value in (b"false", "false", b"0", "0")
 
 
 def _exit_flush(ref: weakref.ref[SamsaraClient]) -> None:

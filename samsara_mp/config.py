@@ -56,6 +56,7 @@ class Config:
     backoff_base: int = 100
     backoff_cap: int = 30_000
     spool_dir: str | None = None
+    shipper: str = "auto"
 
     @classmethod
     def build(
@@ -171,6 +172,10 @@ class Config:
         ):
             raise InvalidConfiguration(
                 "channel", "must be 1-64 characters of letters, digits, '_', '.', '-'"
+            )
+        if self.shipper not in ("auto", "thread", "inline"):
+            raise InvalidConfiguration(
+                "shipper", f"{self.shipper!r} is not one of 'auto', 'thread', 'inline'"
             )
         for name in ("runtime_dir", "spool_dir"):
             value = getattr(self, name)
