@@ -202,3 +202,33 @@ def test_endpoint_keeps_the_base_url_path_prefix(runtime_dir: str) -> None:
         client.close()
         assert srv.event_count() == 1
         assert srv.requests()[0]["path"] == "/api/samsara/v1/events"
+
+
+def _inline_worker(config: dict[str, Any], count: int, out: Any) -> None:
+    client = SamsaraClient(sourceId="inline", shipper="inline", **config)
+    for seq in range(count):
+        client.record_event(eventName="test.event", seq=seq, worker=0)
+    # Most events left from inside record_event, before any exit flush.
+    out.put((client.threaded, client.stats()["channel"]["received"]))
+    # No close(): the multiprocessing exit path must ship the rest.
+
+
+def test_inline_shipping_without_threads_delivers_everything(
+    server: IngestServer, publisher: Publisher, fast_config: dict[str, Any]
+) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    config = dict(fast_config, start_publishing_thread=False)
+    proc = ctx.Process(target=_inline_worker, args=(config, 5_000, out))
+    proc.start()
+    try:
+        threaded, received_before_exit = out.get(timeout=60)
+        proc.join(60)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
+    assert threaded is False
+    assert received_before_exit >= 5_000 - fast_config.get("ship_batch", 256)
+    assert server.wait_for_events(5_000, 30)
+    assert [e["seq"] for e in server.events()] == list(range(5_000))
