@@ -18,7 +18,6 @@ import os
 import secrets
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
 from multiprocessing import util as mp_util
@@ -38,7 +37,9 @@ __all__ = ["SamsaraClient", "get_client", "ship_all", "close_all", "reset_after_
 log = logging.getLogger("samsara_mp")
 
 _CONNECT_BACKOFF_MAX = 2.0
-_ALL_CLIENTS: weakref.WeakSet[SamsaraClient] = weakref.WeakSet()
+# Strong references: a client dropped without close() must still ship its
+# staged events at exit, so it lives until it is closed.
+_ALL_CLIENTS: set[SamsaraClient] = set()
 
 
 class SamsaraClient:
@@ -63,9 +64,6 @@ class SamsaraClient:
         self._closed = False
         self._init_process_state()
         _ALL_CLIENTS.add(self)
-        atexit.register(_exit_flush, weakref.ref(self))
-        mp_util.register_after_fork(self, SamsaraClient._register_mp_finalizer)
-        self._register_mp_finalizer()
         if self.config.start_publishing_thread:
             self._start_shipper()
 
@@ -109,12 +107,6 @@ class SamsaraClient:
             conn._handle = None  # type: ignore[attr-defined]
         if had_shipper:
             self._start_shipper()
-
-    def _register_mp_finalizer(self) -> None:
-        # multiprocessing children leave through util._exit_function, not atexit;
-        # a forked Process child clears the registry after the fork hooks, and
-        # then calls its after-fork registry, which calls this again.
-        mp_util.Finalize(self, _exit_flush, args=(weakref.ref(self),), exitpriority=100)
 
     def _start_shipper(self) -> None:
         mode = self.config.shipper
@@ -400,6 +392,7 @@ class SamsaraClient:
         if self._shipper is not None and self._shipper is not threading.current_thread():
             self._shipper.join(timeout=max(self.config.ipc_timeout_s, 1.0))
         self._drop_connection()
+        _ALL_CLIENTS.discard(self)
         return shipped
 
     def __enter__(self) -> SamsaraClient:
@@ -472,11 +465,31 @@ def _uwsgi_without_threads() -> bool:
     return not value or value in (b"false", "false", b"0", "0")
 
 
-def _exit_flush(ref: weakref.ref[SamsaraClient]) -> None:
-    client = ref()
-    if client is None or client._closed or client._pid != os.getpid():
-        return
-    try:
-        client.close()
-    except Exception:  # noqa: BLE001 - never let an exit hook raise
-        log.exception("samsara_mp: flush at exit failed")
+def _close_all_at_exit() -> None:
+    """Ship every open client's staged events as the process ends, each bounded."""
+    for client in list(_ALL_CLIENTS):
+        if client._closed or client._pid != os.getpid():
+            continue
+        try:
+            client.close(client.config.exit_timeout_s)
+        except Exception:  # noqa: BLE001 - never let an exit hook raise
+            log.exception("samsara_mp: flush at exit failed")
+
+
+class _Anchor:
+    """A weak-referenceable object for multiprocessing's after-fork registry."""
+
+
+_anchor = _Anchor()
+
+
+def _register_exit_finalizer(_: object = None) -> None:
+    # multiprocessing children leave through util._exit_function, not atexit.
+    # A Process child clears the finalizer registry after the fork (and after
+    # unpickling under spawn), then runs the after-fork registry: re-register there.
+    mp_util.Finalize(None, _close_all_at_exit, exitpriority=100)
+
+
+atexit.register(_close_all_at_exit)
+_register_exit_finalizer()
+mp_util.register_after_fork(_anchor, _register_exit_finalizer)

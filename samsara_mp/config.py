@@ -52,6 +52,7 @@ class Config:
     ship_delay: int = 5
     ipc_timeout: int = 2_000
     shutdown_timeout: int = 10_000
+    exit_timeout: int = 5_000
     idle_timeout: int = 60_000
     backoff_base: int = 100
     backoff_cap: int = 30_000
@@ -134,6 +135,10 @@ class Config:
         return self.shutdown_timeout / 1000.0
 
     @property
+    def exit_timeout_s(self) -> float:
+        return self.exit_timeout / 1000.0
+
+    @property
     def idle_timeout_s(self) -> float:
         return self.idle_timeout / 1000.0
 
@@ -151,7 +156,8 @@ class Config:
         )
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("min_buffer_size", "ship_delay", "shutdown_timeout", "idle_timeout"):
+        for name in ("min_buffer_size", "ship_delay", "shutdown_timeout", "idle_timeout",
+                     "exit_timeout"):
             _check_int(name, getattr(self, name), minimum=0)
         if self.min_buffer_size > self.max_buffer_size:
             raise InvalidConfiguration(
