@@ -82,6 +82,7 @@ class SamsaraClient:
         self._unreported_dropped = 0
         self._staging_dropped = 0  # in this process, ever
         self._pending: tuple[int, list[bytes], int, int] | None = None
+        self._pending_sent = False  # sent at least once: the publisher may hold it
         self._push_seq = 0
         self._conn: TimedConnection | None = None
         self._next_connect = 0.0
@@ -200,13 +201,17 @@ class SamsaraClient:
                     self._unreported_dropped = 0
                     self._push_seq += 1
                     self._pending = (self._push_seq, batch, recorded, dropped)
+                    self._pending_sent = False
             seq, batch, recorded, dropped = self._pending
             try:
                 conn = self._connection(wait)
             except (IPCError, ChannelError, OSError) as exc:
-                self._unship(batch, recorded, dropped)
+                if not self._pending_sent:
+                    # It never left: back into staging, in order, within the bound.
+                    self._unship(batch, recorded, dropped)
                 self._note_unreachable(exc)
                 return False
+            self._pending_sent = True
             try:
                 conn.call("push", batch, self._client_id, seq, recorded, dropped)
             except (IPCError, EOFError, OSError) as exc:

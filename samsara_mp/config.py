@@ -58,6 +58,9 @@ class Config:
     backoff_cap: int = 30_000
     spool_dir: str | None = None
     shipper: str = "auto"
+    stats_interval: int = 60_000
+    on_success: str | None = None
+    on_failure: str | None = None
 
     @classmethod
     def build(
@@ -152,7 +155,7 @@ class Config:
         positive = (
             "publish_interval", "max_buffer_size", "send_timeout", "max_batch_size",
             "max_batch_bytes", "max_event_bytes", "staging_size", "ship_batch",
-            "ipc_timeout", "backoff_base", "backoff_cap",
+            "ipc_timeout", "backoff_base", "backoff_cap", "stats_interval",
         )
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
@@ -183,6 +186,12 @@ class Config:
             raise InvalidConfiguration(
                 "shipper", f"{self.shipper!r} is not one of 'auto', 'thread', 'inline'"
             )
+        for name in ("on_success", "on_failure"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or ":" not in value):
+                raise InvalidConfiguration(
+                    name, f"{value!r} must be an importable 'package.module:function' path"
+                )
         for name in ("runtime_dir", "spool_dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

@@ -39,6 +39,8 @@ class Outcome:
     sent_bytes: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     reject_reasons: list[str] = field(default_factory=list)
+    last_answer: HTTPAnswer | None = None
+    pending: int = 0
 
 
 class _Stop(Exception):
@@ -67,6 +69,7 @@ def settle(
         out.sent_bytes += answer.sent_bytes
         out.statuses[answer.status] = out.statuses.get(answer.status, 0) + 1
         out.status = answer.status
+        out.last_answer = answer
         if on_answer is not None:
             on_answer(len(indexes), answer)
         return answer
@@ -94,6 +97,7 @@ def settle(
                     run(good)
                 return
         if status in (400, 413) and len(indexes) > 1:
+            out.error = f"HTTP {status}: batch of {len(indexes)} split in halves"
             half = len(indexes) // 2
             run(indexes[:half])
             run(indexes[half:])
@@ -107,6 +111,7 @@ def settle(
         run(list(range(len(payloads))))
     except _Stop:
         pass
+    out.pending = len(payloads) - len(out.delivered) - len(out.rejected)
     return out
 
 

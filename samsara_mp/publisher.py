@@ -25,9 +25,11 @@ from .buffer import SharedBuffer
 from .channel import Channel
 from .config import Config
 from .errors import ChannelError
+from .hooks import OutcomeHooks
 from .ipc import IPCError, Server
 from .publish_loop import PublishLoop
 from .spool import Spool
+from .stats import ClientStatsReporter
 
 __all__ = ["Publisher", "PublisherProcess", "main", "EXIT_LOST_ELECTION"]
 
@@ -45,7 +47,10 @@ class PublisherProcess:
         self.owner_pid = owner_pid
         self.channel = Channel(config)
         self.buffer = SharedBuffer(config.max_buffer_size)
-        self.loop = PublishLoop(self.buffer, config)
+        hooks = OutcomeHooks(config.on_success, config.on_failure)
+        self.loop = PublishLoop(self.buffer, config, on_outcome=hooks)
+        self.reporter = ClientStatsReporter(config) if config.send_client_stats else None
+        self._stats_events = 0
         self.spool = Spool(config.spool_dir or str(self.channel.dir / "spool"))
         self._stop = threading.Event()
         self._accepting = True
@@ -90,7 +95,15 @@ class PublisherProcess:
         )
         log.info("samsara_mp: publisher %d serving channel %s", os.getpid(), self.channel.name)
         idle_since = time.monotonic()
+        next_report = time.monotonic() + self.config.stats_interval / 1000.0
         while not self._stop.wait(0.2):
+            # Report only while there is something to report on, so an idle
+            # publisher stays idle and can exit.
+            if (self.reporter is not None and time.monotonic() >= next_report
+                    and (server.clients or len(self.buffer))):
+                next_report = time.monotonic() + self.config.stats_interval / 1000.0
+                self.buffer.push([self.reporter.event(self.stats())])
+                self._stats_events += 1
             if self.owner_pid is not None and not _alive(self.owner_pid):
                 log.info("samsara_mp: owner %d ended; draining", self.owner_pid)
                 break
@@ -146,6 +159,7 @@ class PublisherProcess:
             statuses={str(k): v for k, v in self.loop.stats["statuses"].items()},
             restored=self._restored,
             spooled=self._spooled,
+            stats_events=self._stats_events,
             publisher_pid=os.getpid(),
             uptime_s=time.time() - self._started,
             connected_clients=self._server.clients if self._server else 0,

@@ -80,6 +80,7 @@ def fast_config(server: IngestServer, runtime_dir: str) -> dict[str, Any]:
         "backoff_cap": 200,
         "send_timeout": 5_000,
         "shutdown_timeout": 5_000,
+        "send_client_stats": False,
     }
 
 

@@ -1,0 +1,240 @@
+"""Delivery under faults: a real server injecting each fault, real publisher and workers.
+
+After every scenario the accounting adds up exactly and the delivered events are
+the recorded ones minus the counted drops, with no duplicates.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+
+from samsara_mp import Publisher, SamsaraClient
+from samsara_mp.ingest import IngestServer
+
+from conftest import wait_until
+
+
+def _balanced(s: dict[str, Any]) -> bool:
+    return s["recorded"] == s["delivered"] + s["dropped_overflow"] + s["rejected"] + s["buffered"]
+
+
+def _record(client: SamsaraClient, count: int, name: str = "test.event") -> None:
+    for seq in range(count):
+        client.record_event(eventName=name, seq=seq)
+
+
+def _seqs(server: IngestServer, name: str = "test.event") -> list[int]:
+    return [e["seq"] for e in server.events() if e["eventName"] == name]
+
+
+FAULTS: list[tuple[str, dict[str, Any]]] = [
+    ("connection reset", {"mode": "reset", "count": 2}),
+    ("no answer (read timeout)", {"mode": "hang", "count": 1, "hang_seconds": 5}),
+    ("500", {"status": 500, "count": 2}),
+    ("502", {"status": 502, "count": 2}),
+    ("503", {"status": 503, "count": 2}),
+    ("504", {"status": 504, "count": 2}),
+    ("408", {"status": 408, "count": 1}),
+    ("429 without Retry-After", {"status": 429, "count": 2}),
+    ("429 with Retry-After seconds", {"status": 429, "count": 1, "retry_after": "1"}),
+    ("413 splits the batch", {"status": 413, "count": 1}),
+]
+
+
+@pytest.mark.parametrize(("name", "fault"), FAULTS, ids=[n for n, _ in FAULTS])
+def test_publisher_survives_api_fault_and_loses_nothing(
+    name: str, fault: dict[str, Any], server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    config = dict(fast_config, send_timeout=1_000)
+    server.inject(**fault)
+    with Publisher(**config) as pub:
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
+            _record(client, 300)
+            assert client.flush(timeout=30), pub.stats()
+        stats = pub.stats()
+    assert _seqs(server) == list(range(300))
+    assert stats["delivered"] == 300 and _balanced(stats)
+    assert stats["last_error"], "the fault should have been recorded as the last error"
+
+
+def test_success_with_an_unexpected_body_counts_as_delivered_and_is_not_resent(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # The injected answer stands in for a proxy or API that took the batch and
+    # said so in an unexpected way: a 2xx is a 2xx.
+    server.inject(status=200, count=1, body="<html>surprise</html>")
+    with Publisher(**fast_config) as pub:
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **fast_config) as client:
+            _record(client, 50)
+            assert client.flush(timeout=30)
+        stats = pub.stats()
+    posts = [r for r in server.requests() if r["path"].endswith("/v1/events")]
+    assert len(posts) == 1 and posts[0]["status"] == 200
+    assert stats["delivered"] == 50 and stats["retries"] == 0 and _balanced(stats)
+
+
+def test_retry_after_http_date_is_honoured(server: IngestServer, fast_config: dict[str, Any]) -> None:
+    server.inject(status=503, count=1, retry_after=formatdate(time.time() + 1, usegmt=True))
+    with Publisher(**fast_config) as pub:
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **fast_config) as client:
+            _record(client, 10)
+            assert client.flush(timeout=30)
+        stats = pub.stats()
+    times = [r for r in server.requests() if r["path"].endswith("/v1/events")]
+    assert stats["retries"] == 1 and len(times) == 2
+    assert _seqs(server) == list(range(10))
+
+
+def test_long_outage_fills_the_buffer_then_drops_the_oldest(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    config = dict(fast_config, max_buffer_size=500, backoff_cap=100)
+    server.set_online(False)
+    with Publisher(**config) as pub:
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
+            _record(client, 2_000)
+            assert client.ship(timeout=10)
+            stats = wait_until(
+                lambda: (s := pub.stats())["recorded"] == 2_000 and s["retries"] >= 1 and s,
+                10, "pushes and a failed try",
+            )
+            assert stats["buffered"] == 500
+            assert stats["dropped_overflow"] == 1_500 and _balanced(stats)
+            server.set_online(True)
+            assert client.flush(timeout=30)
+        stats = pub.stats()
+    assert _seqs(server) == list(range(1_500, 2_000))
+    assert stats["delivered"] == 500 and _balanced(stats)
+
+
+def test_publisher_sigstop_does_not_block_record_event_and_nothing_is_duplicated(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    config = dict(fast_config, ipc_timeout=300, staging_size=50_000)
+    with Publisher(**config) as pub:
+        assert pub.pid is not None
+        client = SamsaraClient(sourceId="s", start_publishing_thread=False, **config)
+        try:
+            _record(client, 100, "before")
+            assert client.flush(timeout=10)
+            os.kill(pub.pid, signal.SIGSTOP)
+            try:
+                stopped_at = time.monotonic()
+                calls = 0
+                # Record for 10 s while the publisher is frozen: every call returns.
+                while time.monotonic() - stopped_at < 10 and calls < 20_000:
+                    client.record_event(eventName="during", seq=calls)
+                    calls += 1
+                    if calls % 500 == 0:
+                        time.sleep(0.1)  # pace the load; not synchronisation
+                local = client.stats()["local"]
+                assert local["staged"] > 0  # the shipper could not push meanwhile
+            finally:
+                os.kill(pub.pid, signal.SIGCONT)
+            assert client.flush(timeout=30)
+        finally:
+            client.close()
+        stats = pub.stats()
+    during = _seqs(server, "during")
+    assert during == list(range(calls))
+    assert stats["recorded"] == 100 + calls and _balanced(stats)
+    assert stats["delivered"] == 100 + calls
+
+
+def test_sigterm_with_api_down_spools_and_next_publisher_resends_first(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    config = dict(fast_config, shutdown_timeout=500)
+    server.set_online(False)
+    pub = Publisher(**config).start()
+    try:
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
+            _record(client, 200, "spooled")
+            assert client.ship(timeout=10)
+            wait_until(lambda: pub.stats()["buffered"] == 200, 10, "buffered events")
+    finally:
+        assert pub.stop() == 0
+    spool = list((pub.channel.dir / "spool").glob("spool-*.jsonl"))
+    assert len(spool) == 1 and len(spool[0].read_bytes().splitlines()) == 200
+    # A torn write of another file: its good lines are still resent.
+    torn = pub.channel.dir / "spool" / "spool-0-1.jsonl"
+    torn.write_bytes(b'{"eventName":"torn","sourceId":"s","timestamp":1,"seq":0}\n{"eventName":"to')
+    server.set_online(True)
+    with Publisher(**config) as second:
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
+            _record(client, 10, "fresh")
+            assert client.flush(timeout=30)
+        stats = second.stats()
+    names = [e["eventName"] for e in server.events()]
+    assert names.count("spooled") == 200 and names.count("torn") == 1
+    assert names.index("fresh") > max(i for i, n in enumerate(names) if n == "spooled")
+    assert _seqs(server, "spooled") == list(range(200))
+    assert stats["restored"] == 201 and stats["delivered"] == 211
+    assert not list((pub.channel.dir / "spool").glob("*.jsonl"))
+
+
+def test_publisher_sigkill_under_load_loses_only_what_it_held(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    config = dict(fast_config, idle_timeout=2_000)
+    client = SamsaraClient(sourceId="s", **config)
+    try:
+        _record(client, 2_000, "load")
+        info = wait_until(client.channel.read_info, 10, "a publisher")
+        os.kill(info["pid"], signal.SIGKILL)
+        _record(client, 2_000, "after")
+        assert client.flush(timeout=30)
+    finally:
+        client.close()
+    after = _seqs(server, "after")
+    load = _seqs(server, "load")
+    assert after == list(range(2_000))
+    assert len(load) == len(set(load)) and load == sorted(load)
+
+
+def _hook_success(count: int, response: Any) -> None:
+    with open(os.environ["SMP_HOOK_LOG"], "a") as f:
+        f.write(f"success {count} {response.status}\n")
+
+
+def _hook_failure(count: int, error: Any) -> None:
+    with open(os.environ["SMP_HOOK_LOG"], "a") as f:
+        f.write(f"failure {count} {str(error).split(':')[0]}\n")
+
+
+def test_on_success_and_on_failure_hooks_run_in_the_publisher(
+    server: IngestServer, fast_config: dict[str, Any], runtime_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = os.path.join(runtime_dir, "hooks.log")
+    monkeypatch.setenv("SMP_HOOK_LOG", log)
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    config = dict(fast_config, on_success="test_faults:_hook_success", on_failure="test_faults:_hook_failure")
+    server.inject(status=503, count=1)
+    with Publisher(**config):
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
+            _record(client, 20)
+            assert client.flush(timeout=30)
+    lines = open(log).read().splitlines()
+    assert lines == ["failure 20 HTTP 503", "success 20 202"]
+
+
+def test_client_stats_events_describe_the_publisher(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    config = dict(fast_config, send_client_stats=True, stats_interval=200)
+    with Publisher(**config):
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
+            _record(client, 10)
+            assert client.flush(timeout=10)
+            wait_until(lambda: any(e["eventName"] == "samsara.client.stats" for e in server.events()),
+                       10, "a client-stats event")
+    stat = next(e for e in server.events() if e["eventName"] == "samsara.client.stats")
+    assert stat["maxBufferSize"] == config["max_buffer_size"]
+    assert stat["publishInterval"] == config["publish_interval"]
+    assert {"buffered", "deliveredDelta", "droppedOverflowDelta", "retriesDelta"} <= set(stat)
