@@ -45,10 +45,11 @@ _ALL_CLIENTS: set[SamsaraClient] = set()
 class SamsaraClient:
     """Records events into the channel's shared buffer; compatible with ``samsara_sdk``.
 
-    ``SamsaraClient(url=..., sourceId=..., **config)``. With
-    ``start_publishing_thread=True`` (the default) the client ships its events
-    and, when no publisher is reachable on its channel, elects and starts one;
-    with ``False`` it only connects to a publisher someone else owns.
+    ``SamsaraClient(url=..., sourceId=..., **config)``. The client always
+    ships its events in the background. With ``start_publishing_thread=True``
+    (the default), when no publisher is reachable on its channel, it elects and
+    starts one; with ``False`` it only connects to a publisher someone else
+    owns (a gunicorn master, a Celery main process, ``samsara-mp publisher``).
     """
 
     def __init__(self, url: str | None = None, sourceId: str | None = None, **config: Any) -> None:
@@ -64,8 +65,7 @@ class SamsaraClient:
         self._closed = False
         self._init_process_state()
         _ALL_CLIENTS.add(self)
-        if self.config.start_publishing_thread:
-            self._start_shipper()
+        self._start_shipper()
 
     # ---- per-process state (re-created after fork) ----
     def _init_process_state(self) -> None:

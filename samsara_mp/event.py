@@ -19,10 +19,60 @@ __all__ = ["EventEncoder", "MANDATORY_FIELDS"]
 
 MANDATORY_FIELDS = ("timestamp", "eventName", "sourceId")
 
+# The checking encoder: used to explain a failure, and where the C one is missing.
 _json_encode = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":")
 ).encode
 _ENCODE_ERRORS = (TypeError, ValueError, RecursionError, OverflowError)
+
+
+def _refuse_type(obj: object) -> Any:
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _make_fast_json() -> Callable[[Any], bytes]:
+    """The C encoder built once (``JSONEncoder.encode`` rebuilds it on every call).
+
+    Without circular-reference markers a cycle ends in RecursionError, which is
+    refused and then explained by the checking encoder.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return lambda event: _json_encode(event).encode("utf-8")
+    c_encode = make(None, _refuse_type, json.encoder.encode_basestring, None, ":", ",",
+                    False, False, False)
+    return lambda event: "".join(c_encode(event, 0)).encode("utf-8")
+
+
+_stdlib_encode = _make_fast_json()
+
+try:  # The optional "fast" extra.
+    import orjson
+except ImportError:  # pragma: no cover - depends on the install
+    orjson = None
+
+_SIMPLE_TYPES = frozenset({str, int, bool, type(None)})
+
+
+def _orjson_encode(event: dict[str, Any]) -> bytes:
+    """orjson for flat events of plain values, where its output equals the stdlib's.
+
+    orjson writes NaN as null and turns datetimes, UUIDs and enums into
+    strings; those (and any nesting) take the stdlib path, so what is refused
+    or converted does not depend on whether orjson is installed.
+    """
+    for value in event.values():
+        kind = type(value)
+        if kind not in _SIMPLE_TYPES and not (kind is float and math.isfinite(value)):
+            return _stdlib_encode(event)
+    try:
+        return orjson.dumps(event)  # type: ignore[no-any-return]
+    except TypeError:  # big ints, lone surrogates, non-str keys: let the stdlib decide
+        return _stdlib_encode(event)
+
+
+encode_json: Callable[[Any], bytes] = _stdlib_encode if orjson is None else _orjson_encode
+ENCODER_NAME = "json" if orjson is None else "orjson"
 
 
 class EventEncoder:
@@ -59,7 +109,7 @@ class EventEncoder:
         elif type(sid) is not str or not sid:
             _refuse_string("sourceId", sid, event)
         try:
-            data = _json_encode(event).encode("utf-8")
+            data = encode_json(event)
         except _ENCODE_ERRORS as exc:
             raise _explain(event, exc) from None
         if len(data) > self._max_bytes:

@@ -13,7 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from samsara_mp import InvalidEvent, SamsaraClient
+from samsara_mp import event as event_module
 from samsara_mp.event import EventEncoder
+
+
+@pytest.fixture(autouse=True, params=["stdlib", "orjson"])
+def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test with both encoders: what is refused must not depend on the install."""
+    if request.param == "stdlib":
+        monkeypatch.setattr(event_module, "encode_json", event_module._stdlib_encode)
+    else:
+        assert event_module.orjson is not None, "the test extra installs orjson"
+        monkeypatch.setattr(event_module, "encode_json", event_module._orjson_encode)
+    return str(request.param)
 
 
 def enc(**event: Any) -> dict[str, Any]:
@@ -142,3 +154,26 @@ def test_any_json_event_round_trips(name: str, source: str, ts: int, props: dict
         assert "surrogate" in str(exc)
         return
     assert json.loads(data) == event
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    props=st.dictionaries(
+        st.text(), st.none() | st.booleans() | st.integers() | st.floats() | st.text(), max_size=8
+    )
+)
+def test_both_encoders_write_the_same_json(props: dict[str, Any]) -> None:
+    # Same value, and the same refusals; float spelling may differ (1e-09 vs 1e-9).
+    try:
+        expected = event_module._stdlib_encode(props)
+    except (ValueError, TypeError, OverflowError):
+        expected = None
+    try:
+        got = event_module._orjson_encode(props)
+    except (ValueError, TypeError, OverflowError):
+        got = None
+    assert (got is None) == (expected is None)
+    if got is not None and expected is not None:
+        assert json.loads(got) == json.loads(expected)
+        if not any(isinstance(v, float) for v in props.values()):
+            assert got == expected
