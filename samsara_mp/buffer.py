@@ -30,6 +30,7 @@ class Counters:
     dropped_staging: int = 0
     rejected: int = 0
     duplicate_pushes: int = 0
+    spooled: int = 0
     pushes: int = 0
     recorded_by_client: dict[str, int] = field(default_factory=dict)
 
@@ -219,6 +220,7 @@ class SharedBuffer:
                 "buffered_bytes": self._bytes,
                 "pushes": c.pushes,
                 "duplicate_pushes": c.duplicate_pushes,
+                "spooled": c.spooled,
                 "head_seq": self._head_seq,
                 "tail_seq": self._head_seq + len(self._ring),
                 "clients_seen": len(self._last_push),
@@ -228,6 +230,7 @@ class SharedBuffer:
         """Remove and return every buffered event (for spooling at shutdown)."""
         with self._lock:
             out = list(self._ring)
+            self.counters.spooled += len(out)
             self._head_seq += len(out)
             self._ring.clear()
             self._bytes = 0

@@ -57,7 +57,6 @@ class PublisherProcess:
         self._started = time.time()
         self._server: Server | None = None
         self._restored = 0
-        self._spooled = 0
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
@@ -122,14 +121,14 @@ class PublisherProcess:
             left = self.buffer.drain_all()
             if left:
                 path = self.spool.write(left)
-                self._spooled = len(left)
                 log.warning("samsara_mp: spooled %d undelivered events to %s", len(left), path)
         if self._server is not None:
             self._server.close()
 
     def _restore_spool(self) -> None:
         for payloads in self.spool.take_all():
-            self.buffer.push(payloads, recorded=0)
+            # Counted as recorded here: the stopping publisher counted them as spooled.
+            self.buffer.push(payloads)
             self._restored += len(payloads)
         if self._restored:
             log.info("samsara_mp: resending %d spooled events first", self._restored)
@@ -158,7 +157,6 @@ class PublisherProcess:
             {k: v for k, v in self.loop.stats.items() if k != "statuses"},
             statuses={str(k): v for k, v in self.loop.stats["statuses"].items()},
             restored=self._restored,
-            spooled=self._spooled,
             stats_events=self._stats_events,
             publisher_pid=os.getpid(),
             uptime_s=time.time() - self._started,

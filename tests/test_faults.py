@@ -158,6 +158,8 @@ def test_sigterm_with_api_down_spools_and_next_publisher_resends_first(
             _record(client, 200, "spooled")
             assert client.ship(timeout=10)
             wait_until(lambda: pub.stats()["buffered"] == 200, 10, "buffered events")
+        before_stop = pub.stats()
+        assert before_stop["recorded"] == 200 and before_stop["buffered"] == 200
     finally:
         assert pub.stop() == 0
     spool = list((pub.channel.dir / "spool").glob("spool-*.jsonl"))
@@ -176,6 +178,7 @@ def test_sigterm_with_api_down_spools_and_next_publisher_resends_first(
     assert names.index("fresh") > max(i for i, n in enumerate(names) if n == "spooled")
     assert _seqs(server, "spooled") == list(range(200))
     assert stats["restored"] == 201 and stats["delivered"] == 211
+    assert stats["recorded"] == 211 and _balanced(stats)
     assert not list((pub.channel.dir / "spool").glob("*.jsonl"))
 
 
