@@ -13,6 +13,7 @@ and every IPC wait is bounded by ``ipc_timeout``.
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import os
 import secrets
@@ -462,7 +463,7 @@ def get_client(**config: Any) -> SamsaraClient:
 
 def _uwsgi_without_threads() -> bool:
     try:
-        import uwsgi  # type: ignore[import-not-found]
+        uwsgi = importlib.import_module("uwsgi")
     except ImportError:
         return False
     opt = getattr(uwsgi, "opt", {}) or {}

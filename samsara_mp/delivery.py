@@ -88,8 +88,8 @@ def settle(
         if status == 400:
             verdicts = _positional(answer, len(indexes))
             if verdicts is not None:
-                bad = [i for i, v in zip(indexes, verdicts) if v != "OK"]
-                good = [i for i, v in zip(indexes, verdicts) if v == "OK"]
+                bad = [i for i, v in zip(indexes, verdicts, strict=True) if v != "OK"]
+                good = [i for i, v in zip(indexes, verdicts, strict=True) if v == "OK"]
                 out.rejected.extend(bad)
                 out.reject_reasons.extend(str(v) for v in verdicts if v != "OK")
                 out.error = f"HTTP 400: {len(bad)} invalid events rejected"

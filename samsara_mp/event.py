@@ -49,7 +49,7 @@ _stdlib_encode = _make_fast_json()
 try:  # The optional "fast" extra.
     import orjson
 except ImportError:  # pragma: no cover - depends on the install
-    orjson = None
+    orjson = None  # type: ignore[assignment]
 
 _SIMPLE_TYPES = frozenset({str, int, bool, type(None)})
 
@@ -66,7 +66,7 @@ def _orjson_encode(event: dict[str, Any]) -> bytes:
         if kind not in _SIMPLE_TYPES and not (kind is float and math.isfinite(value)):
             return _stdlib_encode(event)
     try:
-        return orjson.dumps(event)  # type: ignore[no-any-return]
+        return orjson.dumps(event)
     except TypeError:  # big ints, lone surrogates, non-str keys: let the stdlib decide
         return _stdlib_encode(event)
 

@@ -23,8 +23,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import (
-    AuthenticationError,
     Connection,
     answer_challenge,
     deliver_challenge,

@@ -54,9 +54,8 @@ class RetryPolicy:
         """Seconds to wait before try number ``attempt + 1`` (``attempt`` counts failures, from 1)."""
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.max_retry_after)
-        exp = min(self.cap, self.base * (2 ** min(max(attempt - 1, 0), 32)))
-        return self.rng(0.0, exp)
+        return self.rng(0.0, self.ceiling(attempt))
 
     def ceiling(self, attempt: int) -> float:
         """The largest delay a jittered draw may give for ``attempt``."""
-        return min(self.cap, self.base * (2 ** min(max(attempt - 1, 0), 32)))
+        return min(self.cap, self.base * (2.0 ** min(max(attempt - 1, 0), 32)))

@@ -16,8 +16,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 from samsara_mp.ingest.server import STORES, IngestServer
 
@@ -69,12 +68,21 @@ def _write_atomically(path: str, text: str) -> None:
         raise
 
 
-def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT (or until the process is told to stop); returns 0."""
+_STOP_SIGNALS: Final = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def run(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, or until ``stop`` is set when one is given; returns 0.
+
+    Without ``stop`` this must run in the main thread, which owns signal handling.
+    """
     store = args.store or ("file" if args.out else "memory")
     if store in ("file", "both") and not args.out:
         print(f"--store {store} needs --out FILE", file=sys.stderr)
         return 2
+    on_main = threading.current_thread() is threading.main_thread()
+    if stop is None and not on_main:
+        raise RuntimeError("run() outside the main thread needs a stop event")
     server = IngestServer(
         host=args.host,
         port=args.port,
@@ -84,15 +92,16 @@ def run(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         verbose=args.verbose,
     )
-    stop = threading.Event()
-    previous: dict[int, Any] = {}
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, on_signal)
+    # A signal delivered to a server thread would not wake a main thread blocked on
+    # a lock, so block the stop signals before the server's threads inherit the mask
+    # and collect them with sigwait() in this thread.
+    use_sigwait = stop is None and hasattr(signal, "pthread_sigmask")
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if use_sigwait else None
+    previous: dict[signal.Signals, Any] = {}
+    event = stop if stop is not None else threading.Event()
+    if stop is None and not use_sigwait:
+        for number in _STOP_SIGNALS:
+            previous[number] = signal.signal(number, lambda signum, frame: event.set())
     try:
         server.start()
         if args.offline:
@@ -107,11 +116,20 @@ def run(args: argparse.Namespace) -> int:
         if args.ready_file:
             _write_atomically(args.ready_file, ready + "\n")
         print(ready, flush=True)
-        stop.wait()
+        if use_sigwait:
+            signal.sigwait(_STOP_SIGNALS)
+        elif previous:
+            # Without sigwait (Windows) the handler only runs between bytecodes.
+            while not event.wait(0.5):
+                pass
+        else:
+            event.wait()
     finally:
         server.stop()
         for number, handler in previous.items():
             signal.signal(number, handler)
+        if old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return 0
 
 

@@ -293,7 +293,7 @@ class _Core:
                 ev.setdefault("receivedAt", received_at)
                 if published is not None:
                     ev.setdefault("publishedAt", published)
-            if self.write:
+            if self.write and events:
                 lines = ("\n".join(map(_encode_line, events)) + "\n").encode()
         with self.lock:
             if self.keep:
