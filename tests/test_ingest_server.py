@@ -430,7 +430,10 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
     return proc.stdout.readline()
 
 
-def test_cli_prints_ready_line_serves_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_cli_prints_ready_line_serves_and_exits_0_on_signal(
+    tmp_path: Path, stop_signal: signal.Signals
+) -> None:
     out = tmp_path / "cli.jsonl"
     ready_file = tmp_path / "ready.json"
     env = dict(
@@ -449,7 +452,7 @@ def test_cli_prints_ready_line_serves_and_exits_0_on_sigterm(tmp_path: Path) -> 
         assert post(ready["url"], [ev(1), ev(2)]).status_code == 202
         stats = requests.get(f"{ready['admin_url']}/_test/stats", timeout=10).json()
         assert stats["accepted_events"] == 2
-        os.kill(ready["pid"], signal.SIGTERM)
+        os.kill(ready["pid"], stop_signal)
         assert proc.wait(timeout=10) == 0
         assert len(out.read_text().splitlines()) == 2
     finally:
