@@ -12,7 +12,6 @@ and every IPC wait is bounded by ``ipc_timeout``.
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import logging
 import os
@@ -21,15 +20,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from multiprocessing import util as mp_util
 from typing import Any
 
+from . import process
 from .channel import Channel
 from .config import Config
 from .delivery import settle
 from .errors import ChannelError, PublishError
 from .event import EventEncoder
 from .ipc import IPCError, TimedConnection
+from .process import close_all, get_client, reset_after_fork, ship_all  # re-exported
 from .publisher import EXIT_LOST_ELECTION
 from .transport import Transport
 
@@ -38,9 +38,6 @@ __all__ = ["SamsaraClient", "get_client", "ship_all", "close_all", "reset_after_
 log = logging.getLogger("samsara_mp")
 
 _CONNECT_BACKOFF_MAX = 2.0
-# Strong references: a client dropped without close() must still ship its
-# staged events at exit, so it lives until it is closed.
-_ALL_CLIENTS: set[SamsaraClient] = set()
 
 
 class SamsaraClient:
@@ -65,7 +62,7 @@ class SamsaraClient:
         self._ship_batch = self.config.ship_batch
         self._closed = False
         self._init_process_state()
-        _ALL_CLIENTS.add(self)
+        process.register(self)
         self._start_shipper()
 
     # ---- per-process state (re-created after fork) ----
@@ -398,7 +395,7 @@ class SamsaraClient:
         if self._shipper is not None and self._shipper is not threading.current_thread():
             self._shipper.join(timeout=max(self.config.ipc_timeout_s, 1.0))
         self._drop_connection()
-        _ALL_CLIENTS.discard(self)
+        process.unregister(self)
         return shipped
 
     def __enter__(self) -> SamsaraClient:
@@ -406,59 +403,6 @@ class SamsaraClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def reset_after_fork() -> None:
-    """Give every client of this process fresh per-process state, if it was forked.
-
-    Runs by itself after ``os.fork()``; servers that fork from C without
-    Python's fork hooks (uWSGI) call it from their post-fork hook. Idempotent.
-    """
-    for client in list(_ALL_CLIENTS):
-        client._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=reset_after_fork)
-
-
-def ship_all(timeout: float = 5.0) -> bool:
-    """Push every client's staged events to the publisher, within ``timeout`` in all."""
-    deadline = time.monotonic() + timeout
-    done = True
-    for client in list(_ALL_CLIENTS):
-        if client._closed or client._pid != os.getpid():
-            continue
-        done = client.ship(max(deadline - time.monotonic(), 0.0)) and done
-    return done
-
-
-def close_all(timeout: float = 5.0) -> bool:
-    """Ship and close every client of this process, within ``timeout`` in all."""
-    deadline = time.monotonic() + timeout
-    done = True
-    for client in list(_ALL_CLIENTS):
-        if client._closed or client._pid != os.getpid():
-            continue
-        done = client.close(max(deadline - time.monotonic(), 0.0)) and done
-    return done
-
-
-_default_client: SamsaraClient | None = None
-_default_lock = threading.Lock()
-
-
-def get_client(**config: Any) -> SamsaraClient:
-    """This process's shared client, created on first use from ``config`` and the environment.
-
-    Integrations and application code call it alike, so one process has one
-    staging deque and one shipper however many modules record events.
-    """
-    global _default_client
-    with _default_lock:
-        client = _default_client
-        if client is None or client._closed:
-            client = _default_client = SamsaraClient(**config)
-        return client
 
 
 def _uwsgi_without_threads() -> bool:
@@ -470,32 +414,3 @@ def _uwsgi_without_threads() -> bool:
     value = opt.get("enable-threads", opt.get(b"enable-threads"))
     return not value or value in (b"false", "false", b"0", "0")
 
-
-def _close_all_at_exit() -> None:
-    """Ship every open client's staged events as the process ends, each bounded."""
-    for client in list(_ALL_CLIENTS):
-        if client._closed or client._pid != os.getpid():
-            continue
-        try:
-            client.close(client.config.exit_timeout_s)
-        except Exception:  # noqa: BLE001 - never let an exit hook raise
-            log.exception("samsara_mp: flush at exit failed")
-
-
-class _Anchor:
-    """A weak-referenceable object for multiprocessing's after-fork registry."""
-
-
-_anchor = _Anchor()
-
-
-def _register_exit_finalizer(_: object = None) -> None:
-    # multiprocessing children leave through util._exit_function, not atexit.
-    # A Process child clears the finalizer registry after the fork (and after
-    # unpickling under spawn), then runs the after-fork registry: re-register there.
-    mp_util.Finalize(None, _close_all_at_exit, exitpriority=100)
-
-
-atexit.register(_close_all_at_exit)
-_register_exit_finalizer()
-mp_util.register_after_fork(_anchor, _register_exit_finalizer)

@@ -1,0 +1,120 @@
+"""The clients of this process: fork and exit hooks, and process-wide helpers.
+
+Every open ``SamsaraClient`` is registered here, strongly: a client dropped
+without ``close()`` must still ship its staged events when the process ends.
+After ``fork()`` each client gets fresh per-process state; at exit (atexit, and
+``multiprocessing``'s finalizers in its children) each ships what it staged,
+bounded by its ``exit_timeout``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from multiprocessing import util as mp_util
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import SamsaraClient
+
+__all__ = ["get_client", "ship_all", "close_all", "reset_after_fork", "register", "unregister"]
+
+log = logging.getLogger("samsara_mp")
+
+_CLIENTS: set[SamsaraClient] = set()
+
+
+def register(client: SamsaraClient) -> None:
+    _CLIENTS.add(client)
+
+
+def unregister(client: SamsaraClient) -> None:
+    _CLIENTS.discard(client)
+
+
+def reset_after_fork() -> None:
+    """Give every client of this process fresh per-process state, if it was forked.
+
+    Runs by itself after ``os.fork()``; servers that fork from C without
+    Python's fork hooks (uWSGI) call it from their post-fork hook. Idempotent.
+    """
+    for client in list(_CLIENTS):
+        client._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=reset_after_fork)
+
+
+def ship_all(timeout: float = 5.0) -> bool:
+    """Push every client's staged events to the publisher, within ``timeout`` in all."""
+    deadline = time.monotonic() + timeout
+    done = True
+    for client in list(_CLIENTS):
+        if client._closed or client._pid != os.getpid():
+            continue
+        done = client.ship(max(deadline - time.monotonic(), 0.0)) and done
+    return done
+
+
+def close_all(timeout: float = 5.0) -> bool:
+    """Ship and close every client of this process, within ``timeout`` in all."""
+    deadline = time.monotonic() + timeout
+    done = True
+    for client in list(_CLIENTS):
+        if client._closed or client._pid != os.getpid():
+            continue
+        done = client.close(max(deadline - time.monotonic(), 0.0)) and done
+    return done
+
+
+_default_client: SamsaraClient | None = None
+_default_lock = threading.Lock()
+
+
+def get_client(**config: Any) -> SamsaraClient:
+    """This process's shared client, created on first use from ``config`` and the environment.
+
+    Integrations and application code call it alike, so one process has one
+    staging deque and one shipper however many modules record events.
+    """
+    from .client import SamsaraClient
+
+    global _default_client
+    with _default_lock:
+        client = _default_client
+        if client is None or client._closed:
+            client = _default_client = SamsaraClient(**config)
+        return client
+
+
+def _close_all_at_exit() -> None:
+    """Ship every open client's staged events as the process ends, each bounded."""
+    for client in list(_CLIENTS):
+        if client._closed or client._pid != os.getpid():
+            continue
+        try:
+            client.close(client.config.exit_timeout_s)
+        except Exception:  # noqa: BLE001 - never let an exit hook raise
+            log.exception("samsara_mp: flush at exit failed")
+
+
+class _Anchor:
+    """A weak-referenceable object for multiprocessing's after-fork registry."""
+
+
+_anchor = _Anchor()
+
+
+def _register_exit_finalizer(_: object = None) -> None:
+    # multiprocessing children leave through util._exit_function, not atexit.
+    # A Process child clears the finalizer registry after the fork (and after
+    # unpickling under spawn), then runs the after-fork registry: re-register there.
+    mp_util.Finalize(None, _close_all_at_exit, exitpriority=100)
+
+
+atexit.register(_close_all_at_exit)
+_register_exit_finalizer()
+mp_util.register_after_fork(_anchor, _register_exit_finalizer)
