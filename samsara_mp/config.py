@@ -72,6 +72,9 @@ class Config:
         for key in kwargs:
             if key not in known:
                 raise InvalidConfiguration(key, "unknown configuration key")
+        # An explicit None means "not given" (the environment may fill it in),
+        # except for compression, where the original SDK spelled "none" as None.
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "compression"}
         values: dict[str, Any] = {}
         for name, field in known.items():
             if name in kwargs:

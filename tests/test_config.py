@@ -86,6 +86,12 @@ def test_environment_fills_in_below_explicit_arguments() -> None:
     assert (c.publish_interval, c.channel) == (999, "explicit")
 
 
+def test_explicit_none_lets_the_environment_fill_in() -> None:
+    env = {"SAMSARA_MP_URL": URL, "SAMSARA_MP_CHANNEL": "from-env"}
+    c = Config.build(env=env, url=None, channel=None)
+    assert (c.url, c.channel) == (URL, "from-env")
+
+
 def test_bad_environment_value_names_the_key() -> None:
     with pytest.raises(InvalidConfiguration) as info:
         Config.build(env={"SAMSARA_MP_URL": URL, "SAMSARA_MP_MAX_BUFFER_SIZE": "lots"})
