@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import stat
 import subprocess
 import sys
@@ -180,7 +181,7 @@ class Channel:
         cfg = self.config.to_dict()
         if idle_timeout is not None:
             cfg["idle_timeout"] = idle_timeout
-        args = [sys.executable, "-c", _PUBLISHER_MAIN, "--config", json.dumps(cfg)]
+        args = [_python_executable(), "-c", _PUBLISHER_MAIN, "--config", json.dumps(cfg)]
         if owner_pid is not None:
             args += ["--owner-pid", str(owner_pid)]
         err_path = log_path or str(self.dir / "publisher.log")
@@ -217,6 +218,22 @@ class Channel:
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
         return False
+
+
+def _python_executable() -> str:
+    """The interpreter to run the publisher with.
+
+    Under uWSGI ``sys.executable`` is the uwsgi binary; the interpreter of
+    the same environment sits in ``sys.exec_prefix``.
+    """
+    exe = sys.executable
+    if exe and os.path.basename(exe).startswith("python") and "uwsgi" not in sys.modules:
+        return exe
+    for name in (f"python{sys.version_info[0]}.{sys.version_info[1]}", "python3", "python"):
+        candidate = os.path.join(sys.exec_prefix, "bin", name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("python3") or exe
 
 
 def _child_env() -> dict[str, str]:

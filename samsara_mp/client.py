@@ -82,6 +82,7 @@ class SamsaraClient:
         self._pending: tuple[int, list[bytes], int, int] | None = None
         self._pending_sent = False  # sent at least once: the publisher may hold it
         self._push_seq = 0
+        self._push_limit = self._ship_batch * 4  # until the socket's size is known
         self._conn: TimedConnection | None = None
         self._next_connect = 0.0
         self._connect_failures = 0
@@ -190,12 +191,16 @@ class SamsaraClient:
                 with self._lock:
                     if not self._staged and not self._unreported_dropped:
                         return True
-                    # Swap the whole deque out: O(1) under the lock that record_event takes.
-                    batch = list(self._staged)
-                    self._staged = deque()
-                    recorded = self._unreported_recorded
+                    staged = self._staged
+                    if len(staged) <= self._push_limit:
+                        batch = list(staged)
+                        self._staged = deque()
+                    else:
+                        batch = [staged.popleft() for _ in range(self._push_limit)]
+                    # Every event still staged is recorded but not yet reported.
+                    recorded = self._unreported_recorded - len(self._staged)
                     dropped = self._unreported_dropped
-                    self._unreported_recorded = 0
+                    self._unreported_recorded = len(self._staged)
                     self._unreported_dropped = 0
                     self._push_seq += 1
                     self._pending = (self._push_seq, batch, recorded, dropped)
@@ -221,7 +226,16 @@ class SamsaraClient:
                 return False
             self._pending = None
             self._connect_failures = 0
+            self._size_push(conn, batch)
             return True
+
+    def _size_push(self, conn: TimedConnection, batch: list[bytes]) -> None:
+        """Cap pushes to what the socket takes in one write(): a push that needs
+        several waits for the GIL between writes, up to a switch interval each,
+        while a busy recording thread keeps filling staging."""
+        if batch:
+            avg = max(sum(map(len, batch)) // len(batch), 1) + 8  # pickle framing per item
+            self._push_limit = max(self._ship_batch, (conn.sndbuf // 2) // avg)
 
     def _unship(self, batch: list[bytes], recorded: int, dropped: int) -> None:
         """Put a push that never left back at the front of staging, keeping the bound."""
@@ -410,7 +424,6 @@ def _uwsgi_without_threads() -> bool:
         uwsgi = importlib.import_module("uwsgi")
     except ImportError:
         return False
-    opt = getattr(uwsgi, "opt", {}) or {}
-    value = opt.get("enable-threads", opt.get(b"enable-threads"))
-    return not value or value in (b"false", "false", b"0", "0")
+    # uWSGI 2.0 says whether Python threads run here; --enable-threads alone is not it.
+    return not getattr(uwsgi, "has_threads", 0)
 

@@ -35,6 +35,8 @@ __all__ = ["IPCError", "IPCTimeout", "TimedConnection", "connect", "Server"]
 
 log = logging.getLogger("samsara_mp")
 
+_SNDBUF = 4 * 1024 * 1024
+
 
 class IPCError(OSError):
     """The publisher could not be reached or answered with an error."""
@@ -48,6 +50,7 @@ class TimedConnection(Connection):
     """A ``Connection`` whose every read and write gives up after ``timeout`` seconds."""
 
     timeout: float = 5.0
+    sndbuf: int = 212_992
 
     def __init__(self, handle: int, timeout: float) -> None:
         os.set_blocking(handle, False)
@@ -117,12 +120,20 @@ def connect(path: str, authkey: bytes, timeout: float) -> TimedConnection:
     """Connect and authenticate to a publisher's socket, all within ``timeout``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        # A push should leave in one write(): each further write must win the
+        # GIL back from the recording thread, up to a switch interval each.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+    except OSError:
+        pass  # the kernel's cap applies; pushes are split by size as well
+    try:
         sock.settimeout(timeout)
         sock.connect(path)
     except OSError as exc:
         sock.close()
         raise IPCError(exc.errno or errno.ECONNREFUSED, f"cannot connect to {path}: {exc}") from exc
+    sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     conn = TimedConnection(sock.detach(), timeout)
+    conn.sndbuf = sndbuf
     try:
         answer_challenge(conn, authkey)
         deliver_challenge(conn, authkey)

@@ -1,0 +1,73 @@
+"""How the reference server judges an event POST's body, as the real API does.
+
+The publisher's batch arrives at ``POST {url}/v1/events``; before anything is
+stored, the body is parsed strictly and every event checked. A bad batch is
+refused whole with a positional answer (DESIGN.md "Semantics"): one entry per
+event, ``"OK"`` or what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Final
+
+MISSING_HEADER_WARNING: Final = (
+    "For completeness, please provide the 'X-Samsara-publishedTimestamp' header."
+)
+NOT_A_LIST_ERROR: Final = "Invalid format, content-type must be application/json"
+
+
+def _reject_constant(name: str) -> Any:
+    # The real API parses with Jackson, which refuses NaN/Infinity literals.
+    raise ValueError(f"invalid JSON literal {name}")
+
+
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _event_error(event: object) -> str | None:
+    if type(event) is not dict:
+        return "event: must be a JSON object"
+    errors: list[str] = []
+    if "timestamp" not in event:
+        errors.append("timestamp: missing")
+    else:
+        ts = event["timestamp"]
+        if type(ts) is not int:
+            errors.append("timestamp: must be an integer (epoch millis)")
+        elif ts < 0:
+            errors.append("timestamp: must be >= 0")
+    for key in ("eventName", "sourceId"):
+        if key not in event:
+            errors.append(f"{key}: missing")
+        elif type(event[key]) is not str or not event[key]:
+            errors.append(f"{key}: must be a non-empty string")
+    return "; ".join(errors) if errors else None
+
+
+def validate_events(events: Sequence[object]) -> list[str] | None:
+    """Return None when every event is valid, else the positional 400 answer.
+
+    The answer has one entry per event: ``"OK"`` or a description such as
+    ``"timestamp: missing"``. ``bool`` is not an integer timestamp.
+    """
+    # One cheap pass for the common all-valid batch; describe errors only on failure.
+    for ev in events:
+        if type(ev) is dict:
+            ts = ev.get("timestamp")
+            name = ev.get("eventName")
+            src = ev.get("sourceId")
+            if (
+                type(ts) is int
+                and ts >= 0
+                and type(name) is str
+                and name
+                and type(src) is str
+                and src
+            ):
+                continue
+        break
+    else:
+        return None
+    return [_event_error(ev) or "OK" for ev in events]
