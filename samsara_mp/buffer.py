@@ -10,6 +10,8 @@ oldest on overflow, and each way out is counted, so that at a quiet moment
 from __future__ import annotations
 
 import threading
+from bisect import bisect_right
+from itertools import accumulate, islice
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -141,13 +143,12 @@ class SharedBuffer:
     def peek(self, max_count: int, max_bytes: int) -> Batch:
         """The oldest events, up to a count and a byte budget (always at least one)."""
         with self._lock:
-            out: list[bytes] = []
-            size = 0
-            for payload in self._ring:
-                if out and (len(out) >= max_count or size + len(payload) > max_bytes):
-                    break
-                out.append(payload)
-                size += len(payload)
+            # C-speed slices and sums; trim by bytes only when the budget is passed.
+            out = list(islice(self._ring, max_count))
+            sizes = list(accumulate(map(len, out)))
+            if sizes and sizes[-1] > max_bytes:
+                keep = max(bisect_right(sizes, max_bytes), 1)
+                del out[keep:]
             return Batch(self._head_seq, out)
 
     def wait(self, predicate: Any, timeout: float) -> bool:
@@ -171,6 +172,21 @@ class SharedBuffer:
         settled = delivered | rejected
         if not settled:
             return
+        n = len(batch.payloads)
+        if not rejected and len(delivered) == n:
+            with self._lock:
+                if self._head_seq == batch.first_seq and len(self._ring) >= n:
+                    # The common case, a whole batch delivered and nothing dropped in flight.
+                    popleft = self._ring.popleft
+                    for _ in range(n):
+                        popleft()
+                    self._bytes -= sum(map(len, batch.payloads))
+                    self._head_seq += n
+                    self.counters.delivered += n
+                    if not self._ring:
+                        self._oldest_since = None
+                    self._changed.notify_all()
+                    return
         with self._lock:
             c = self.counters
             gone = min(max(self._head_seq - batch.first_seq, 0), len(batch.payloads))

@@ -59,7 +59,8 @@ def settle(
     def post(indexes: list[int]) -> HTTPAnswer:
         out.requests += 1
         try:
-            answer = transport.post([payloads[i] for i in indexes])
+            chosen = payloads if len(indexes) == len(payloads) else [payloads[i] for i in indexes]
+            answer = transport.post(chosen)
         except TransportError as exc:
             out.retry = True
             out.error = str(exc)
