@@ -19,6 +19,10 @@ class InvalidEvent(SamsaraError, ValueError):
         self.field = field
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[InvalidEvent], tuple[str, str]]:
+        # Picklable, so it crosses a Pool's result queue intact.
+        return (type(self), (self.field, self.reason))
+
 
 class InvalidConfiguration(SamsaraError, ValueError):
     """A configuration value was refused; ``key`` names the offending key."""
@@ -27,6 +31,9 @@ class InvalidConfiguration(SamsaraError, ValueError):
         super().__init__(f"invalid configuration: {key}: {reason}")
         self.key = key
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type[InvalidConfiguration], tuple[str, str]]:
+        return (type(self), (self.key, self.reason))
 
 
 class PublishError(SamsaraError):

@@ -103,3 +103,14 @@ def test_same_url_means_same_channel() -> None:
     b = Config.build(env={}, url=URL + "/")
     assert a.channel_name == b.channel_name
     assert a.channel_name != Config.build(env={}, url="http://other:1").channel_name
+
+
+def test_errors_survive_pickling_across_processes() -> None:
+    import pickle
+
+    from samsara_mp import InvalidEvent
+
+    e = pickle.loads(pickle.dumps(InvalidEvent("sourceId", "missing")))
+    assert (e.field, e.reason) == ("sourceId", "missing")
+    c = pickle.loads(pickle.dumps(InvalidConfiguration("url", "missing")))
+    assert (c.key, c.reason) == ("url", "missing")
