@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -22,6 +21,10 @@ from typing import Any
 import pytest
 import requests
 from conftest import wait_until
+from procs import alive as _alive
+from procs import children as _children
+from procs import free_port as _free_port
+from procs import kill_if as _kill_if
 
 from samsara_mp.channel import Channel
 from samsara_mp.config import Config
@@ -45,43 +48,6 @@ def _uwsgi() -> str:
 
 
 # ---- process helpers (by pid; nothing is killed by name) ----
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _children(ppid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == ppid:
-                        found.add(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
-
-
-def _kill_if(pid: int, marker: str) -> None:
-    """SIGKILL ``pid`` if it is still a process whose command line holds ``marker``."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if marker.encode() in f.read():
-                os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
 def _get(session: requests.Session, url: str) -> tuple[int, str] | None:
     """The answering worker's pid and shipping mode, or None when there was no answer."""
     try:
