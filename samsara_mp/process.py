@@ -48,13 +48,17 @@ def reset_after_fork() -> None:
 os.register_at_fork(after_in_child=reset_after_fork)
 
 
+def _open_clients() -> list[SamsaraClient]:
+    """Clients this process may ship for: open, and not inherited through a fork."""
+    pid = os.getpid()
+    return [c for c in list(_CLIENTS) if not c._closed and c._pid == pid]
+
+
 def ship_all(timeout: float = 5.0) -> bool:
     """Push every client's staged events to the publisher, within ``timeout`` in all."""
     deadline = time.monotonic() + timeout
     done = True
-    for client in list(_CLIENTS):
-        if client._closed or client._pid != os.getpid():
-            continue
+    for client in _open_clients():
         done = client.ship(max(deadline - time.monotonic(), 0.0)) and done
     return done
 
@@ -63,9 +67,7 @@ def close_all(timeout: float = 5.0) -> bool:
     """Ship and close every client of this process, within ``timeout`` in all."""
     deadline = time.monotonic() + timeout
     done = True
-    for client in list(_CLIENTS):
-        if client._closed or client._pid != os.getpid():
-            continue
+    for client in _open_clients():
         done = client.close(max(deadline - time.monotonic(), 0.0)) and done
     return done
 
@@ -92,9 +94,7 @@ def get_client(**config: Any) -> SamsaraClient:
 
 def _close_all_at_exit() -> None:
     """Ship every open client's staged events as the process ends, each bounded."""
-    for client in list(_CLIENTS):
-        if client._closed or client._pid != os.getpid():
-            continue
+    for client in _open_clients():
         try:
             client.close(client.config.exit_timeout_s)
         except Exception:  # noqa: BLE001 - never let an exit hook raise
