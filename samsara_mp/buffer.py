@@ -10,15 +10,19 @@ oldest on overflow, and each way out is counted, so that at a quiet moment
 from __future__ import annotations
 
 import threading
-from bisect import bisect_right
-from itertools import accumulate, islice
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import accumulate, islice
 from typing import Any
 
-__all__ = ["SharedBuffer", "Batch", "Counters"]
+__all__ = ["SharedBuffer", "Batch", "Counters", "MAX_REMEMBERED_CLIENTS"]
+
+# Push sequence numbers kept for de-duplication: gunicorn and Celery recycle
+# workers, and each new process is a new client, so the map must be bounded.
+MAX_REMEMBERED_CLIENTS = 10_000
 
 
 @dataclass
@@ -34,7 +38,6 @@ class Counters:
     duplicate_pushes: int = 0
     spooled: int = 0
     pushes: int = 0
-    recorded_by_client: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,15 +89,17 @@ class SharedBuffer:
                 if push_seq <= self._last_push.get(client_id, -1):
                     c.duplicate_pushes += 1
                     return 0
+                # Most recent last; the oldest (long-gone workers) go first.
+                self._last_push.pop(client_id, None)
                 self._last_push[client_id] = push_seq
+                if len(self._last_push) > MAX_REMEMBERED_CLIENTS:
+                    del self._last_push[next(iter(self._last_push))]
             n = len(payloads)
             rec = n + staging_dropped if recorded is None else recorded
             c.pushes += 1
             c.recorded += rec
             c.received += n
             c.dropped_staging += staging_dropped
-            if client_id:
-                c.recorded_by_client[client_id] = c.recorded_by_client.get(client_id, 0) + rec
             if not n:
                 return 0
             if not self._ring:

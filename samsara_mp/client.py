@@ -89,7 +89,6 @@ class SamsaraClient:
         self._shipper: threading.Thread | None = None
         self._stopping = threading.Event()
         self._threaded = False
-        self._publisher_started = False
 
     def _after_fork_in_child(self) -> None:
         # The child must not ship the parent's staged events (the parent will),
@@ -263,14 +262,14 @@ class SamsaraClient:
                 self.channel.name, exc, len(self._staged),
             )
 
-    def _connection(self, wait: bool = True) -> TimedConnection:
+    def _connection(self, wait: bool = True, elect: bool = True) -> TimedConnection:
         if self._conn is not None:
             return self._conn
         timeout = self.config.ipc_timeout_s
         try:
             self._conn = self.channel.connect(timeout)
         except IPCError:
-            if not self.config.start_publishing_thread or not self._elect(timeout, wait):
+            if not (elect and self.config.start_publishing_thread) or not self._elect(timeout, wait):
                 raise
             self._conn = self.channel.connect(timeout)
         return self._conn
@@ -282,7 +281,6 @@ class SamsaraClient:
             # A publisher holds the lock: it is starting, or hung; wait a little.
             return self.channel.wait_connectable(timeout)
         proc = self.channel.spawn_publisher()
-        self._publisher_started = True
         if not wait:
             return False  # record_event ships inline: never wait for a start there
         ok = self.channel.wait_connectable(max(timeout, 10.0), proc)
@@ -377,7 +375,7 @@ class SamsaraClient:
         result: dict[str, Any] = {"local": local, "channel": None}
         try:
             with self._ship_lock:
-                result["channel"] = self._connection_no_elect().call("stats")
+                result["channel"] = self._connection(elect=False).call("stats")
         except (IPCError, ChannelError, EOFError, OSError) as exc:
             self._drop_connection()
             result["error"] = str(exc)
@@ -390,11 +388,6 @@ class SamsaraClient:
         chan["staged"] = local["staged"]
         result["channel"] = chan
         return result
-
-    def _connection_no_elect(self) -> TimedConnection:
-        if self._conn is None:
-            self._conn = self.channel.connect(self.config.ipc_timeout_s)
-        return self._conn
 
     def close(self, timeout: float | None = None) -> bool:
         """Ship what is staged, stop the shipper, disconnect; True when nothing was left."""

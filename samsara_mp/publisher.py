@@ -36,7 +36,6 @@ __all__ = ["Publisher", "PublisherProcess", "main", "EXIT_LOST_ELECTION"]
 log = logging.getLogger("samsara_mp")
 
 EXIT_LOST_ELECTION = 3
-_MAX_REMEMBERED_CLIENTS = 10_000
 
 
 class PublisherProcess:

@@ -100,3 +100,17 @@ def test_accounting_always_adds_up(max_size: int, script: list[tuple[str, int, i
         # Order is kept: what remains is increasing.
         left = [int(p[5:-1]) for p in buf.peek(10**6, 10**9).payloads]
         assert left == sorted(left)
+
+
+def test_remembered_clients_are_bounded_oldest_first(monkeypatch: object) -> None:
+    import samsara_mp.buffer as buffer_module
+
+    monkeypatch.setattr(buffer_module, "MAX_REMEMBERED_CLIENTS", 3)  # type: ignore[attr-defined]
+    buf = SharedBuffer(max_size=100)
+    for name in ("a", "b", "c"):
+        buf.push([ev(1)], client_id=name, push_seq=1)
+    buf.push([ev(2)], client_id="a", push_seq=2)  # "a" is now the most recent
+    buf.push([ev(3)], client_id="d", push_seq=1)  # evicts "b", the oldest
+    assert buf.snapshot()["clients_seen"] == 3
+    buf.push([ev(4)], client_id="a", push_seq=2)  # still remembered: ignored
+    assert buf.snapshot()["duplicate_pushes"] == 1
