@@ -13,11 +13,10 @@ from email.utils import formatdate
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from samsara_mp import Publisher, SamsaraClient
 from samsara_mp.ingest import IngestServer
-
-from conftest import wait_until
 
 
 def _balanced(s: dict[str, Any]) -> bool:
@@ -216,7 +215,8 @@ def test_on_success_and_on_failure_hooks_run_in_the_publisher(
 ) -> None:
     log = os.path.join(runtime_dir, "hooks.log")
     monkeypatch.setenv("SMP_HOOK_LOG", log)
-    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pythonpath = os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", pythonpath)
     config = dict(fast_config, on_success="test_faults:_hook_success", on_failure="test_faults:_hook_failure")
     server.inject(status=503, count=1)
     with Publisher(**config):

@@ -67,7 +67,8 @@ def _cases() -> list[dict[str, Any]]:
     # Documented conversions and plain valid events, mixed with random hostile ones.
     conversions: list[dict[str, Any]] = [
         {"eventName": "conv", "t": (1, 2, 3)},
-        {"eventName": "conv", "m": {1: "int key", 2.5: "float key", True: "bool", None: "none"}},
+        {"eventName": "conv", "m": {1: "int key", 2.5: "float key", None: "none"}},
+        {"eventName": "conv", "b": {True: "bool key"}},
         {"eventName": "ok", "huge": "y" * 60_000},
         {"eventName": "ok", "deep": _nested(100)},
         {"eventName": "ok", "uni": "日本語 ✓ \u2028 \x00"},
@@ -77,7 +78,8 @@ def _cases() -> list[dict[str, Any]]:
     while len(cases) < 200:
         value = rng.choice(hostile_values)
         key = rng.choice(["a", "b", "nested"])
-        cases.append({"eventName": f"mix{len(cases)}", key: [1, {"x": value}] if rng.random() < 0.5 else value})
+        wrapped = [1, {"x": value}] if rng.random() < 0.5 else value
+        cases.append({"eventName": f"mix{len(cases)}", key: wrapped})
     return cases[:200]
 
 

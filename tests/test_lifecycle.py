@@ -11,13 +11,12 @@ import sys
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from samsara_mp import ChannelError, SamsaraClient
 from samsara_mp.channel import Channel
 from samsara_mp.config import Config
 from samsara_mp.ingest import IngestServer
-
-from conftest import wait_until
 
 
 def _race_worker(config: dict[str, Any], worker: int, barrier: Any, out: Any) -> None:

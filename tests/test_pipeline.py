@@ -8,12 +8,11 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+from conftest import wait_until
+from workers import record_many
 
 from samsara_mp import Publisher, SamsaraClient
 from samsara_mp.ingest import IngestServer
-
-from conftest import wait_until
-from workers import record_many
 
 
 def _by_worker(events: list[dict[str, Any]]) -> dict[int, list[int]]:

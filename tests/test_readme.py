@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import _kill_publishers_in
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
 
 from samsara_mp.retry import RetryPolicy, is_retryable_status, parse_retry_after
 
@@ -30,7 +30,7 @@ def test_retry_after_wins_and_is_capped() -> None:
 def test_retry_after_parses_seconds_and_http_dates() -> None:
     assert parse_retry_after("120") == 120.0
     now = 1_700_000_000.0
-    when = format_datetime(datetime.fromtimestamp(now + 30, tz=timezone.utc), usegmt=True)
+    when = format_datetime(datetime.fromtimestamp(now + 30, tz=UTC), usegmt=True)
     assert parse_retry_after(when, now=lambda: now) == 30.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
