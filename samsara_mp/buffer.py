@@ -46,6 +46,7 @@ class Batch:
 
     first_seq: int
     payloads: list[bytes]
+    full: bool = False  # stopped at the count or byte budget, not at the buffer's end
 
     @property
     def raw_bytes(self) -> int:
@@ -145,16 +146,25 @@ class SharedBuffer:
         since = self._oldest_since
         return 0.0 if since is None else self._clock() - since
 
-    def peek(self, max_count: int, max_bytes: int) -> Batch:
-        """The oldest events, up to a count and a byte budget (always at least one)."""
+    def peek(self, max_count: int, max_bytes: int, from_seq: int | None = None) -> Batch:
+        """The oldest events, up to a count and a byte budget (always at least one).
+
+        With ``from_seq``, the events from that seq on instead of from the head
+        (the batch after one in flight); empty when that seq has left the buffer.
+        """
         with self._lock:
+            start = 0 if from_seq is None else from_seq - self._head_seq
+            if not 0 <= start <= len(self._ring):
+                return Batch(self._head_seq if from_seq is None else from_seq, [])
             # C-speed slices and sums; trim by bytes only when the budget is passed.
-            out = list(islice(self._ring, max_count))
+            out = list(islice(self._ring, start, start + max_count))
+            full = len(out) == max_count
             sizes = list(accumulate(map(len, out)))
             if sizes and sizes[-1] > max_bytes:
                 keep = max(bisect_right(sizes, max_bytes), 1)
                 del out[keep:]
-            return Batch(self._head_seq, out)
+                full = True
+            return Batch(self._head_seq + start, out, full)
 
     def wait(self, predicate: Any, timeout: float) -> bool:
         """Block until ``predicate()`` (called under the lock) holds, or timeout."""

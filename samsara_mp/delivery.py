@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .retry import is_retryable_status, parse_retry_after
-from .transport import HTTPAnswer, Transport, TransportError
+from .transport import Body, HTTPAnswer, Transport, TransportError
 
 __all__ = ["Outcome", "settle"]
 
@@ -52,15 +52,22 @@ def settle(
     payloads: Sequence[bytes],
     on_answer: Callable[[int, HTTPAnswer], None] | None = None,
     now: Callable[[], float] = time.time,
+    body: Body | None = None,
 ) -> Outcome:
-    """Send ``payloads`` until each is delivered or rejected, or a retryable failure."""
+    """Send ``payloads`` until each is delivered or rejected, or a retryable failure.
+
+    ``body`` is the whole batch already encoded (``Transport.encode``), used
+    whenever the whole batch is sent.
+    """
     out = Outcome()
 
     def post(indexes: list[int]) -> HTTPAnswer:
         out.requests += 1
         try:
-            chosen = payloads if len(indexes) == len(payloads) else [payloads[i] for i in indexes]
-            answer = transport.post(chosen)
+            if len(indexes) == len(payloads):
+                answer = transport.post(payloads, body)
+            else:
+                answer = transport.post([payloads[i] for i in indexes])
         except TransportError as exc:
             out.retry = True
             out.error = str(exc)

@@ -1,10 +1,17 @@
 """The publish loop: a thread in the publisher process that empties the buffer.
 
-It waits until a full batch is buffered, a flush is asked for, or the
+It waits until a full batch is buffered, a flush is asked for, the last
+batch was full (the publisher is behind: it sends the rest at once), or the
 ``publish_interval`` tick finds at least ``min_buffer_size`` events (or events
 that have waited a whole interval below that minimum); then it peeks a batch,
 settles it with the API, commits the outcome to the buffer, and on a
 retryable failure backs off as the ``RetryPolicy`` says, keeping the events.
+
+One batch is in flight at a time, so batches reach the API in buffer order.
+While it is in flight, a helper thread peeks and encodes (joins and gzips)
+the batch after it, so that work overlaps the API's; the prepared batch is
+sent next only if the buffer's head is then exactly where it starts (the
+batch before it was wholly settled and nothing was dropped meanwhile).
 """
 
 from __future__ import annotations
@@ -13,13 +20,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from .buffer import SharedBuffer
+from .buffer import Batch, SharedBuffer
 from .config import Config
 from .delivery import Outcome, settle
 from .retry import RetryPolicy
-from .transport import Transport
+from .transport import Body, Transport
 
 __all__ = ["PublishLoop"]
 
@@ -47,12 +55,17 @@ class PublishLoop:
         )
         self._on_outcome = on_outcome
         self._thread: threading.Thread | None = None
+        self._prepare: ThreadPoolExecutor | None = None
+        self._next: Future[tuple[Batch, Body]] | None = None
         self._stop = threading.Event()
         self._draining = False
         self._drain_deadline = 0.0
         self._flush_target = -1
         self._failures = 0
         self._kick = False
+        # The last batch was full and delivered: the publisher is behind, so it
+        # sends what waits at once instead of at the next interval tick.
+        self._behind = False
         self._lock = threading.Lock()
         self.stats: dict[str, Any] = {
             "batches": 0,
@@ -60,6 +73,7 @@ class PublishLoop:
             "bytes_raw": 0,
             "bytes_sent": 0,
             "retries": 0,
+            "prepared": 0,  # batches sent as the helper had prepared them during the last request
             "failed_attempts": 0,
             "statuses": {},
             "last_error": None,
@@ -70,6 +84,7 @@ class PublishLoop:
 
     # ---- control ----
     def start(self) -> None:
+        self._prepare = ThreadPoolExecutor(1, thread_name_prefix="samsara-mp-prepare")
         self._thread = threading.Thread(target=self._run, name="samsara-mp-publish", daemon=True)
         self._thread.start()
 
@@ -114,6 +129,8 @@ class PublishLoop:
             log.exception("samsara_mp: publish loop crashed")
             raise
         finally:
+            if self._prepare is not None:
+                self._prepare.shutdown(wait=False, cancel_futures=True)
             self.transport.close()
 
     def _ready(self) -> bool:
@@ -128,6 +145,7 @@ class PublishLoop:
             n >= cfg.max_batch_size
             or self.buffer.nbytes >= cfg.max_batch_bytes
             or self.buffer.head_seq < self._flush_target
+            or self._behind
         )
 
     def _wait_for_work(self) -> bool:
@@ -150,10 +168,14 @@ class PublishLoop:
 
     def _publish_one(self) -> None:
         cfg = self.config
-        batch = self.buffer.peek(cfg.max_batch_size, cfg.max_batch_bytes)
+        batch, body = self._take_prepared()
+        if batch is None:
+            batch = self.buffer.peek(cfg.max_batch_size, cfg.max_batch_bytes)
         if not batch.payloads:
             return
-        outcome = settle(self.transport, batch.payloads)
+        if self._prepare is not None:
+            self._next = self._prepare.submit(self._prepare_after, batch)
+        outcome = settle(self.transport, batch.payloads, body=body)
         self.buffer.commit(batch, outcome.delivered, outcome.rejected)
         self._account(outcome)
         if self._on_outcome is not None:
@@ -161,12 +183,37 @@ class PublishLoop:
                 self._on_outcome(outcome)
             except Exception:  # noqa: BLE001 - a user hook must not stop publishing
                 log.exception("samsara_mp: outcome hook failed")
+        self._behind = batch.full and not outcome.retry
         if outcome.retry:
             self._backoff(outcome)
         else:
             if self._failures:
                 log.info("samsara_mp: API reachable again after %d failed tries", self._failures)
             self._failures = 0
+
+    def _prepare_after(self, batch: Batch) -> tuple[Batch, Body]:
+        """Runs in the helper thread: peek and encode the batch that follows ``batch``."""
+        cfg = self.config
+        after = batch.first_seq + len(batch.payloads)
+        following = self.buffer.peek(cfg.max_batch_size, cfg.max_batch_bytes, from_seq=after)
+        return following, self.transport.encode(following.payloads)
+
+    def _take_prepared(self) -> tuple[Batch | None, Body | None]:
+        """The batch prepared during the last request, when it is still the right one to send."""
+        future, self._next = self._next, None
+        if future is None:
+            return None, None
+        try:
+            batch, body = future.result()
+        except Exception:  # noqa: BLE001 - preparing is an optimisation; peek afresh
+            log.exception("samsara_mp: preparing the next batch failed")
+            return None, None
+        if not batch.payloads or self.buffer.head_seq != batch.first_seq:
+            return None, None  # the batch before it was not wholly settled, or events were dropped
+        if not batch.full and len(self.buffer) > len(batch.payloads):
+            return None, None  # more arrived since: a fresh peek sends a bigger batch
+        self.stats["prepared"] += 1
+        return batch, body
 
     def _account(self, outcome: Outcome) -> None:
         s = self.stats

@@ -17,7 +17,7 @@ import requests
 
 from .helpers import current_time_millis
 
-__all__ = ["Transport", "HTTPAnswer", "TransportError", "PUBLISHED_TIMESTAMP_HEADER"]
+__all__ = ["Transport", "Body", "HTTPAnswer", "TransportError", "PUBLISHED_TIMESTAMP_HEADER"]
 
 log = logging.getLogger("samsara_mp")
 
@@ -59,6 +59,14 @@ class TransportError(Exception):
         return self.message
 
 
+@dataclass(frozen=True)
+class Body:
+    """A batch encoded for the wire: its JSON array's size, and what is sent."""
+
+    raw_bytes: int
+    data: bytes
+
+
 def join_events(payloads: Sequence[bytes]) -> bytes:
     """The JSON array of already-encoded events."""
     return b"[" + b",".join(payloads) + b"]"
@@ -92,18 +100,24 @@ class Transport:
             "Content-Encoding": "gzip" if self.gzip else "identity",
         }
 
-    def post(self, payloads: Sequence[bytes]) -> HTTPAnswer:
-        """Send one batch; return the answer, or raise ``TransportError``."""
+    def encode(self, payloads: Sequence[bytes]) -> Body:
+        """Join a batch into one JSON array and compress it as configured."""
         raw = join_events(payloads)
-        body = gzip_bytes(raw, self.level) if self.gzip else raw
+        return Body(len(raw), gzip_bytes(raw, self.level) if self.gzip else raw)
+
+    def post(self, payloads: Sequence[bytes], body: Body | None = None) -> HTTPAnswer:
+        """Send one batch (``body``: that batch already encoded); return the answer,
+        or raise ``TransportError``."""
+        if body is None:
+            body = self.encode(payloads)
         headers = dict(self._headers)
         headers[PUBLISHED_TIMESTAMP_HEADER] = str(current_time_millis())
         try:
-            resp = self.session.post(self.endpoint, data=body, headers=headers, timeout=self.timeout)
+            resp = self.session.post(self.endpoint, data=body.data, headers=headers, timeout=self.timeout)
             content = resp.content
         except requests.RequestException as exc:
-            raise TransportError(f"{type(exc).__name__}: {exc}", len(raw), exc) from exc
-        return HTTPAnswer(resp.status_code, dict(resp.headers), content, len(raw), len(body))
+            raise TransportError(f"{type(exc).__name__}: {exc}", body.raw_bytes, exc) from exc
+        return HTTPAnswer(resp.status_code, dict(resp.headers), content, body.raw_bytes, len(body.data))
 
     def close(self) -> None:
         self.session.close()

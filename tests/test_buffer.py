@@ -33,6 +33,22 @@ def test_peek_respects_count_and_bytes_but_takes_one_at_least() -> None:
     assert len(buf.peek(100, 1).payloads) == 1
 
 
+def test_peek_from_a_seq_takes_the_batch_after_one_in_flight() -> None:
+    buf = SharedBuffer(max_size=10)
+    buf.push([ev(i) for i in range(8)])
+    first = buf.peek(3, 10**6)
+    assert (first.first_seq, first.full) == (0, True)
+    after = buf.peek(3, 10**6, from_seq=3)
+    assert (after.first_seq, after.payloads, after.full) == (3, [ev(3), ev(4), ev(5)], True)
+    tail = buf.peek(3, 10**6, from_seq=6)
+    assert (tail.payloads, tail.full) == ([ev(6), ev(7)], False)  # the buffer's end, not the budget
+    assert buf.peek(3, 10**6, from_seq=8).payloads == []
+    assert buf.peek(100, 10, from_seq=6).full  # stopped by the byte budget
+    buf.push([ev(i) for i in range(8, 14)])  # drops 0-3: seq 3 has left the buffer
+    assert buf.peek(3, 10**6, from_seq=3).payloads == []
+    assert buf.peek(3, 10**6, from_seq=4).payloads == [ev(4), ev(5), ev(6)]
+
+
 def test_commit_removes_delivered_and_rejected_and_keeps_the_rest_in_order() -> None:
     buf = SharedBuffer(max_size=100)
     buf.push([ev(i) for i in range(10)])

@@ -1,0 +1,91 @@
+"""The publish loop in-process against the real reference server: order, prepared batches, backlog."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import wait_until
+
+from samsara_mp.buffer import SharedBuffer
+from samsara_mp.config import Config
+from samsara_mp.ingest import IngestServer
+from samsara_mp.publish_loop import PublishLoop
+
+
+def _events(first: int, count: int) -> list[bytes]:
+    return [
+        json.dumps({"eventName": "e", "sourceId": "s", "timestamp": 1, "seq": i}).encode()
+        for i in range(first, first + count)
+    ]
+
+
+@pytest.fixture
+def make_loop(server: IngestServer) -> Iterator[Any]:
+    loops: list[PublishLoop] = []
+
+    def make(max_size: int = 100_000, **config: Any) -> tuple[PublishLoop, SharedBuffer]:
+        settings = dict(url=server.url, publish_interval=50, min_buffer_size=1, max_batch_size=100,
+                        backoff_base=10, backoff_cap=50)
+        settings.update(config)
+        buffer = SharedBuffer(max_size)
+        loop = PublishLoop(buffer, Config.build(**settings))
+        loops.append(loop)
+        return loop, buffer
+
+    yield make
+    for loop in loops:
+        loop.stop()
+
+
+def _seqs(server: IngestServer) -> list[int]:
+    return [e["seq"] for e in server.events()]
+
+
+def test_batches_reach_the_api_in_buffer_order_with_the_next_one_prepared_in_flight(
+    server: IngestServer, make_loop: Any
+) -> None:
+    loop, buffer = make_loop()
+    buffer.push(_events(0, 1000))
+    server.inject(status=None, count=2, latency=0.05)  # slow answers: time to prepare the next
+    server.inject(status=503, count=1)  # the third batch fails once: its prepared successor is stale
+    loop.start()
+    wait_until(lambda: len(buffer) == 0, 30, "the buffer to empty")
+    assert _seqs(server) == list(range(1000))
+    assert loop.stats["prepared"] >= 5  # most of the 10 batches went out as prepared
+    snap = buffer.snapshot()
+    assert (snap["delivered"], snap["dropped_overflow"]) == (1000, 0)
+
+
+def test_a_prepared_batch_whose_events_were_dropped_in_flight_is_not_sent(
+    server: IngestServer, make_loop: Any
+) -> None:
+    loop, buffer = make_loop(max_size=150, max_batch_size=50)
+    buffer.push(_events(0, 150))
+    server.inject(status=None, count=1, latency=1.0)
+    loop.start()
+    # Batch 0-49 is in flight and the full batch 50-99 is prepared; 70 more events
+    # overflow the buffer and drop 0-69, so the prepared batch no longer starts at the head.
+    wait_until(lambda: loop._next is not None and loop._next.done(), 10, "the next batch prepared")
+    assert buffer.push(_events(150, 70)) == 70
+    wait_until(lambda: len(buffer) == 0, 30, "the buffer to empty")
+    assert _seqs(server) == list(range(50)) + list(range(70, 220))
+    snap = buffer.snapshot()
+    # 0-49 were dropped in flight but delivered after all; 50-69 are the only loss.
+    assert (snap["delivered"], snap["dropped_overflow"], snap["recorded"]) == (200, 20, 220)
+
+
+def test_a_publisher_behind_sends_the_rest_at_once_not_at_the_next_interval(
+    server: IngestServer, make_loop: Any
+) -> None:
+    loop, buffer = make_loop(publish_interval=600_000)  # the tick alone would wait 10 minutes
+    buffer.push(_events(0, 250))
+    loop.start()
+    wait_until(lambda: server.event_count() == 250, 10, "the last 50 after two full batches")
+    assert _seqs(server) == list(range(250))
+    # Not behind (the last batch was partial): a small push waits for the tick.
+    buffer.push(_events(250, 10))
+    with pytest.raises(AssertionError):
+        wait_until(lambda: server.event_count() > 250, 0.5, "nothing")
