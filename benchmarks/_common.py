@@ -214,7 +214,10 @@ class IngestProcess:
         return body  # type: ignore[no-any-return]
 
     def accepted(self) -> int:
-        return int(self.stats()["accepted_events"])
+        """Events accepted so far; also sets ``last_accept_at`` (the server's clock)."""
+        stats = self.stats()
+        self.last_accept_at: float | None = stats["last_accept_at"]
+        return int(stats["accepted_events"])
 
     def set_online(self, online: bool) -> None:
         status, _ = self.admin.request("PUT", "/v1/api-status", {"status": "online" if online else "offline"})
@@ -254,7 +257,10 @@ class SegmentSink:
         self.http = Http(self.url)
 
     def accepted(self) -> int:
-        return int(self.http.request("GET", "/stats")[1]["events"])
+        """Events counted so far; also sets ``last_accept_at`` (the sink's clock)."""
+        stats = self.http.request("GET", "/stats")[1]
+        self.last_accept_at: float | None = stats["last_at"]
+        return int(stats["events"])
 
     def wait_accepted(self, target: int, timeout: float, interval: float = 0.005) -> tuple[int, float]:
         deadline = time.monotonic() + timeout

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -24,6 +25,7 @@ class _State:
     lock = threading.Lock()
     events = 0
     requests = 0
+    last_at: float | None = None  # time.time() of the last counted batch
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -51,6 +53,7 @@ class _Handler(BaseHTTPRequestHandler):
         with _State.lock:
             _State.events += len(batch)
             _State.requests += 1
+            _State.last_at = time.time()
         self._answer(200, b"{}")
 
     def do_GET(self) -> None:
@@ -58,7 +61,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(404, b"{}")
             return
         with _State.lock:
-            body = json.dumps({"events": _State.events, "requests": _State.requests}).encode()
+            body = json.dumps(
+                {"events": _State.events, "requests": _State.requests, "last_at": _State.last_at}
+            ).encode()
         self._answer(200, body)
 
 

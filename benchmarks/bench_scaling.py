@@ -110,7 +110,7 @@ def end_to_end(
         per = total // workers
         opts = {"url": srv.url, "channel": channel, "rundir": rundir, "staging": per, "pool": pool}
         s0 = C.proc_cpu_seconds(srv.pid)  # run_workers waits for a quiet machine itself
-        r = BT.run_workers(w_sized, workers, per, opts, srv.accepted, max(60.0, total / 5_000),
+        r = BT.run_workers(w_sized, workers, per, opts, srv, max(60.0, total / 5_000),
                            lambda: C.proc_cpu_seconds(pub.pid))  # type: ignore[arg-type]
         r["server_cpu_us"] = (C.proc_cpu_seconds(srv.pid) - s0) / r["events"] * 1e6
         st = pub.stats()

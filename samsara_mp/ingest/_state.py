@@ -83,6 +83,7 @@ class _Core:
 
     def _zero(self) -> None:
         self.accepted = 0
+        self.last_accept_at: float | None = None  # time.time() of the last accepted batch
         self.received = 0
         self.event_posts = 0
         self.rejected_requests = 0
@@ -156,6 +157,7 @@ class _Core:
                 self.out.write(lines)
                 self.out.flush()
             self.accepted += len(events)
+            self.last_accept_at = time.time()
             self.changed.notify_all()
 
     def record(self, rec: RequestRecord, rejected_events: int) -> None:
@@ -176,6 +178,7 @@ class _Core:
                 "requests": self.received,
                 "event_posts": self.event_posts,
                 "accepted_events": self.accepted,
+                "last_accept_at": self.last_accept_at,
                 "rejected_requests": self.rejected_requests,
                 "rejected_events": self.rejected_events,
                 "bytes_in": self.bytes_in,
