@@ -462,3 +462,44 @@ def test_cli_prints_ready_line_serves_and_exits_0_on_signal(
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+# ---- the fast body decoder decides exactly as the stdlib one ----
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.integers(min_value=-(2**70), max_value=2**70) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+_ODD_BODIES = [
+    b"[1" + b"0" * 30 + b"]", b"[-9223372036854775809]", b"[18446744073709551616]", b'["\\ud800"]',
+    b"[NaN]", b"[Infinity]", b"[1e400]", b"[1e-400]", b"[-0, -0.0, 1E2]", b'{"a":1,"a":2}', b" [1] ",
+    b'["\xff"]', b"\xef\xbb\xbf[1]", b"[1,]", b"", b"[" * 2000 + b"]" * 2000, b'["a\x00"]',
+    b'[{"timestamp": 12345678901234567890123, "eventName": "e", "sourceId": "s"}]',
+    b'["1234567890123456789012"]', b"[9223372036854775807, -9223372036854775808, 18446744073709551615]",
+]
+
+
+def _decide(decode: Callable[[bytes], Any], body: bytes) -> tuple[str, Any]:
+    try:
+        value = decode(body)
+    except (ValueError, RecursionError):
+        return ("refused", None)
+    return ("parsed", json.dumps(value, sort_keys=True, allow_nan=True))  # type and value, deeply
+
+
+@pytest.mark.parametrize("body", _ODD_BODIES, ids=range(len(_ODD_BODIES)))
+def test_fast_decoder_agrees_with_the_stdlib_on_odd_bodies(body: bytes) -> None:
+    from samsara_mp.ingest import _validation as v
+
+    assert v.orjson is not None  # the test extra installs it: this compares two decoders
+    assert _decide(v.decode_body, body) == _decide(v._stdlib_decode, body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_JSON_VALUES, ascii_only=st.booleans())
+def test_fast_decoder_agrees_with_the_stdlib_on_any_json(value: Any, ascii_only: bool) -> None:
+    from samsara_mp.ingest import _validation as v
+
+    body = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    assert _decide(v.decode_body, body) == _decide(v._stdlib_decode, body)

@@ -23,9 +23,9 @@ from urllib.parse import parse_qs, urlsplit
 from samsara_mp.ingest._faults import FaultRule
 from samsara_mp.ingest._state import RequestRecord
 from samsara_mp.ingest._validation import (
-    _DECODER,
     MISSING_HEADER_WARNING,
     NOT_A_LIST_ERROR,
+    decode_body,
     validate_events,
 )
 
@@ -227,7 +227,7 @@ class _ApiHandler(_HandlerBase):
             self._error(415, f"Unsupported Content-Encoding {encoding!r}")
             return
         try:
-            events = _DECODER.decode(body.decode("utf-8"))
+            events = decode_body(body)
         except (ValueError, RecursionError) as exc:
             self._send(400, f"Malformed JSON in request body: {exc}".encode(), _TEXT)
             return

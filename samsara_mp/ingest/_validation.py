@@ -26,6 +26,38 @@ def _reject_constant(name: str) -> Any:
 _DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+def _stdlib_decode(body: bytes) -> Any:
+    return _DECODER.decode(body.decode("utf-8"))
+
+
+try:  # orjson (the "fast" and "test" extras) parses about twice as fast.
+    import orjson
+except ImportError:  # pragma: no cover - depends on the install
+    orjson = None  # type: ignore[assignment]
+
+# Digits to "0", everything else to " ": a run of 19 zeros in the translation
+# is a number orjson may not parse as Python does (it turns integers outside
+# [-2**63, 2**64) into floats), or a long digit string, which is merely slower.
+_DIGIT_TABLE: Final = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_DIGITS: Final = b"0" * 19
+
+
+def decode_body(body: bytes) -> Any:
+    """Parse a request body as the stdlib decoder would, faster when orjson is installed.
+
+    orjson's answer is used only when it parsed the body and no number in it
+    could be out of its exact range; any other body is decided by the stdlib
+    decoder, so what is accepted and what is stored do not depend on the extra.
+    Raises ``ValueError`` (or ``RecursionError``) for a body that is not JSON.
+    """
+    if orjson is not None and _LONG_DIGITS not in body.translate(_DIGIT_TABLE):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return _stdlib_decode(body)
+
+
 def _event_error(event: object) -> str | None:
     if type(event) is not dict:
         return "event: must be a JSON object"
