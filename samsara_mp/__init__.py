@@ -13,6 +13,7 @@ from .client import SamsaraClient, close_all, get_client, reset_after_fork, ship
 from .config import Config
 from .errors import (
     ChannelError,
+    ChannelTaken,
     InvalidConfiguration,
     InvalidEvent,
     PublishError,
@@ -30,6 +31,7 @@ __all__ = [
     "InvalidConfiguration",
     "PublishError",
     "ChannelError",
+    "ChannelTaken",
     "current_time_millis",
     "get_client",
     "ship_all",

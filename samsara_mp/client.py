@@ -183,50 +183,61 @@ class SamsaraClient:
             return
         self._ship_once(wait=False)
 
-    def _ship_once(self, wait: bool = True) -> bool:
-        """Push one batch to the publisher; False when it could not be reached."""
-        with self._ship_lock:
-            if self._pending is None:
-                with self._lock:
-                    if not self._staged and not self._unreported_dropped:
-                        return True
-                    staged = self._staged
-                    if len(staged) <= self._push_limit:
-                        batch = list(staged)
-                        self._staged = deque()
-                    else:
-                        batch = [staged.popleft() for _ in range(self._push_limit)]
-                    # Every event still staged is recorded but not yet reported.
-                    recorded = self._unreported_recorded - len(self._staged)
-                    dropped = self._unreported_dropped
-                    self._unreported_recorded = len(self._staged)
-                    self._unreported_dropped = 0
-                    self._push_seq += 1
-                    self._pending = (self._push_seq, batch, recorded, dropped)
-                    self._pending_sent = False
-            seq, batch, recorded, dropped = self._pending
-            try:
-                conn = self._connection(wait)
-            except (IPCError, ChannelError, OSError) as exc:
-                if not self._pending_sent:
-                    # It never left: back into staging, in order, within the bound.
-                    self._unship(batch, recorded, dropped)
-                self._note_unreachable(exc)
-                return False
-            self._pending_sent = True
-            try:
-                conn.call("push", batch, self._client_id, seq, recorded, dropped)
-            except (IPCError, EOFError, OSError) as exc:
-                # The publisher may or may not have taken it: keep the push as it
-                # is, and resend it with the same seq, which the buffer ignores if
-                # it already has it.
-                self._drop_connection()
-                self._note_unreachable(exc)
-                return False
-            self._pending = None
-            self._connect_failures = 0
-            self._size_push(conn, batch)
-            return True
+    def _ship_once(self, wait: bool = True, deadline: float | None = None) -> bool:
+        """Push one batch to the publisher; False when it could not be reached
+        (or, with a ``deadline``, not within it)."""
+        if deadline is None:
+            self._ship_lock.acquire()
+        elif not self._ship_lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            return False  # the shipper thread is mid-push: it bounds that push itself
+        try:
+            return self._ship_locked(wait, deadline)
+        finally:
+            self._ship_lock.release()
+
+    def _ship_locked(self, wait: bool, deadline: float | None) -> bool:
+        if self._pending is None:
+            with self._lock:
+                if not self._staged and not self._unreported_dropped:
+                    return True
+                staged = self._staged
+                if len(staged) <= self._push_limit:
+                    batch = list(staged)
+                    self._staged = deque()
+                else:
+                    batch = [staged.popleft() for _ in range(self._push_limit)]
+                # Every event still staged is recorded but not yet reported.
+                recorded = self._unreported_recorded - len(self._staged)
+                dropped = self._unreported_dropped
+                self._unreported_recorded = len(self._staged)
+                self._unreported_dropped = 0
+                self._push_seq += 1
+                self._pending = (self._push_seq, batch, recorded, dropped)
+                self._pending_sent = False
+        seq, batch, recorded, dropped = self._pending
+        try:
+            conn = self._connection(wait, deadline=deadline)
+        except (IPCError, ChannelError, OSError) as exc:
+            if not self._pending_sent:
+                # It never left: back into staging, in order, within the bound.
+                self._unship(batch, recorded, dropped)
+            self._note_unreachable(exc)
+            return False
+        self._pending_sent = True
+        try:
+            conn.call("push", batch, self._client_id, seq, recorded, dropped,
+                      timeout=self._bounded(self.config.ipc_timeout_s, deadline))
+        except (IPCError, EOFError, OSError) as exc:
+            # The publisher may or may not have taken it: keep the push as it
+            # is, and resend it with the same seq, which the buffer ignores if
+            # it already has it.
+            self._drop_connection()
+            self._note_unreachable(exc)
+            return False
+        self._pending = None
+        self._connect_failures = 0
+        self._size_push(conn, batch)
+        return True
 
     def _size_push(self, conn: TimedConnection, batch: list[bytes]) -> None:
         """Cap pushes to what the socket takes in one write(): a push that needs
@@ -262,30 +273,41 @@ class SamsaraClient:
                 self.channel.name, exc, len(self._staged),
             )
 
-    def _connection(self, wait: bool = True, elect: bool = True) -> TimedConnection:
+    @staticmethod
+    def _bounded(timeout: float, deadline: float | None) -> float:
+        """``timeout``, cut to what is left before ``deadline`` (at least 10 ms)."""
+        if deadline is None:
+            return timeout
+        return max(min(timeout, deadline - time.monotonic()), 0.01)
+
+    def _connection(
+        self, wait: bool = True, elect: bool = True, deadline: float | None = None
+    ) -> TimedConnection:
         if self._conn is not None:
             return self._conn
         timeout = self.config.ipc_timeout_s
         try:
-            self._conn = self.channel.connect(timeout)
+            self._conn = self.channel.connect(self._bounded(timeout, deadline))
         except IPCError:
-            if not (elect and self.config.start_publishing_thread) or not self._elect(timeout, wait):
+            if not (elect and self.config.start_publishing_thread):
                 raise
-            self._conn = self.channel.connect(timeout)
+            if not self._elect(timeout, wait, deadline):
+                raise
+            self._conn = self.channel.connect(self._bounded(timeout, deadline))
         return self._conn
 
-    def _elect(self, timeout: float, wait: bool = True) -> bool:
+    def _elect(self, timeout: float, wait: bool = True, deadline: float | None = None) -> bool:
         """No publisher answers: start one if the lock is free, then wait for it."""
         self.channel.ensure_dir()
         if not self.channel.lock_is_free():
             # A publisher holds the lock: it is starting, or hung; wait a little.
-            return self.channel.wait_connectable(timeout)
+            return self.channel.wait_connectable(self._bounded(timeout, deadline))
         proc = self.channel.spawn_publisher()
         if not wait:
             return False  # record_event ships inline: never wait for a start there
-        ok = self.channel.wait_connectable(max(timeout, 10.0), proc)
+        ok = self.channel.wait_connectable(self._bounded(max(timeout, 10.0), deadline), proc)
         if not ok and proc.poll() == EXIT_LOST_ELECTION:
-            ok = self.channel.wait_connectable(timeout)
+            ok = self.channel.wait_connectable(self._bounded(timeout, deadline))
         return ok
 
     def _drop_connection(self) -> None:
@@ -328,7 +350,7 @@ class SamsaraClient:
         while self._staged or self._pending or self._unreported_dropped:
             if time.monotonic() >= deadline:
                 return False
-            if not self._ship_once():
+            if not self._ship_once(deadline=deadline):
                 wait = min(self._retry_wait(), deadline - time.monotonic())
                 if wait > 0:
                     time.sleep(wait)
@@ -347,14 +369,18 @@ class SamsaraClient:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
+        if not self._ship_lock.acquire(timeout=left):
+            return False
         try:
-            with self._ship_lock:
-                conn = self._connection()
-                return bool(conn.call("flush", left, timeout=left + self.config.ipc_timeout_s))
+            conn = self._connection(deadline=deadline)
+            left = max(deadline - time.monotonic(), 0.01)
+            return bool(conn.call("flush", left, timeout=left + self.config.ipc_timeout_s))
         except (IPCError, ChannelError, EOFError, OSError) as exc:
             self._drop_connection()
             log.warning("samsara_mp: flush could not reach the publisher: %s", exc)
             return False
+        finally:
+            self._ship_lock.release()
 
     def stats(self) -> dict[str, Any]:
         """This process's counters, and the channel's from its publisher when reachable."""

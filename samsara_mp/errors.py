@@ -47,3 +47,15 @@ class PublishError(SamsaraError):
 
 class ChannelError(SamsaraError):
     """The channel's runtime directory or publisher could not be used safely."""
+
+
+class ChannelTaken(ChannelError):
+    """``Publisher.start()``: another publisher already serves the channel; ``pid`` is its pid."""
+
+    def __init__(self, channel: str, pid: int | None) -> None:
+        super().__init__(f"channel {channel} already has a publisher (pid {pid})")
+        self.channel = channel
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[type[ChannelTaken], tuple[str, int | None]]:
+        return (type(self), (self.channel, self.pid))

@@ -24,7 +24,7 @@ from typing import Any
 from .buffer import SharedBuffer
 from .channel import Channel
 from .config import Config
-from .errors import ChannelError
+from .errors import ChannelError, ChannelTaken
 from .hooks import OutcomeHooks
 from .ipc import IPCError, Server
 from .publish_loop import PublishLoop
@@ -194,18 +194,43 @@ class Publisher:
         return self._proc.pid if self._proc is not None else None
 
     def start(self, timeout: float = 15.0) -> Publisher:
-        """Start the publisher and wait until it answers; raise ``ChannelError`` if it cannot."""
-        self._proc = self.channel.spawn_publisher(owner_pid=os.getpid(), idle_timeout=0)
-        if not self.channel.wait_connectable(timeout, self._proc):
-            code = self._proc.poll()
-            if code == EXIT_LOST_ELECTION:
-                raise ChannelError(f"channel {self.channel.name} already has a publisher")
-            self.stop(timeout=1.0)
-            raise ChannelError(
-                f"publisher for channel {self.channel.name} did not start "
-                f"(exit {code}); see {self.channel.dir / 'publisher.log'}"
-            )
-        return self
+        """Start the channel's publisher and wait until it serves.
+
+        Raises ``ChannelTaken`` (with the serving publisher's pid) when another
+        publisher already serves the channel: this handle then owns nothing,
+        and its ``stop()`` does nothing. Raises ``ChannelError`` when the
+        publisher cannot start.
+        """
+        deadline = time.monotonic() + timeout
+        proc = self._proc = self.channel.spawn_publisher(owner_pid=os.getpid(), idle_timeout=0)
+        serving: int | None = None
+        if self.channel.wait_connectable(timeout, proc):
+            # Someone answers: ours, or one that held the channel before ours
+            # tried its lock (then ours exits at once with EXIT_LOST_ELECTION).
+            delay = 0.005
+            while proc.poll() is None and time.monotonic() < deadline:
+                serving = self._serving_pid(max(min(deadline - time.monotonic(), 2.0), 0.1))
+                if serving == proc.pid:
+                    return self
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        code = proc.poll()
+        if code == EXIT_LOST_ELECTION:
+            self._proc = None
+            raise ChannelTaken(self.channel.name, serving or self._serving_pid(1.0))
+        self.stop(timeout=1.0)
+        self._proc = None
+        raise ChannelError(
+            f"publisher for channel {self.channel.name} did not start "
+            f"(exit {code}); see {self.channel.dir / 'publisher.log'}"
+        )
+
+    def _serving_pid(self, timeout: float) -> int | None:
+        try:
+            pid = self.stats(timeout)["publisher_pid"]
+        except (IPCError, ChannelError, OSError, EOFError):
+            return None
+        return int(pid)
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM the publisher and wait for its drain; its exit status."""

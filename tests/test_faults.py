@@ -146,6 +146,34 @@ def test_publisher_sigstop_does_not_block_record_event_and_nothing_is_duplicated
     assert stats["delivered"] == 100 + calls
 
 
+@pytest.mark.parametrize("autostart", [False, True], ids=["connect-only", "may-elect"])
+def test_ship_and_flush_keep_their_timeout_with_a_frozen_publisher(
+    autostart: bool, server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # ipc_timeout far above the timeouts asked: the calls must cut their own waits short.
+    config = dict(fast_config, ipc_timeout=5_000)
+    with Publisher(**config) as pub:
+        assert pub.pid is not None
+        client = SamsaraClient(sourceId="s", start_publishing_thread=autostart, **config)
+        try:
+            _record(client, 10, "before")
+            assert client.flush(timeout=10)
+            os.kill(pub.pid, signal.SIGSTOP)
+            try:
+                client._drop_connection()  # the next push must connect (and may try to elect)
+                _record(client, 10, "during")
+                for call in (client.ship, client.flush):
+                    started = time.monotonic()
+                    assert call(timeout=0.5) is False
+                    assert time.monotonic() - started < 1.5, call.__name__
+            finally:
+                os.kill(pub.pid, signal.SIGCONT)
+            assert client.flush(timeout=30)
+        finally:
+            client.close()
+    assert _seqs(server, "during") == list(range(10))
+
+
 def test_sigterm_with_api_down_spools_and_next_publisher_resends_first(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:

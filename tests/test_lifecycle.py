@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
-from samsara_mp import ChannelError, SamsaraClient
+from samsara_mp import ChannelError, ChannelTaken, Publisher, SamsaraClient
 from samsara_mp.channel import Channel
 from samsara_mp.config import Config
 from samsara_mp.ingest import IngestServer
@@ -62,6 +62,17 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_second_owner_handle_is_told_who_serves_and_owns_nothing(
+    publisher: Publisher, fast_config: dict[str, Any]
+) -> None:
+    second = Publisher(**fast_config)
+    with pytest.raises(ChannelTaken) as info:
+        second.start(timeout=10)
+    assert info.value.pid == publisher.pid is not None
+    assert second.pid is None and second.stop() is None  # it stops nothing
+    assert publisher.stats()["publisher_pid"] == publisher.pid  # the first still serves
 
 
 def test_publisher_sigkill_leads_to_reelection_and_delivery_continues(

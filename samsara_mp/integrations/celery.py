@@ -45,6 +45,7 @@ from celery import signals  # type: ignore[import-untyped]
 
 from .. import (
     ChannelError,
+    ChannelTaken,
     Config,
     InvalidConfiguration,
     Publisher,
@@ -165,15 +166,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     pub = Publisher(**s.config)
     try:
         pub.start()
-        # start() also returns when the publisher answering is another one.
-        owner = pub.stats()["publisher_pid"]
-    except (ChannelError, OSError) as exc:
-        owner = str(exc)
-    if owner != pub.pid:
-        # Another worker on this host may own the channel already: its children
+    except ChannelTaken as exc:
+        # Another worker on this host owns the channel already: its children
         # and ours then share that publisher, which is the point of a channel.
-        pub.stop(1.0)
-        log.warning("samsara_mp: this Celery worker does not own the publisher (%s)", owner)
+        log.info("samsara_mp: %s; this Celery worker uses it", exc)
+        return
+    except (ChannelError, OSError) as exc:
+        log.warning("samsara_mp: this Celery worker could not start the publisher (%s)", exc)
         return
     _publisher, _owner_pid = pub, os.getpid()
 

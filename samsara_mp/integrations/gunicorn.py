@@ -23,7 +23,7 @@ from typing import Any
 
 from ..client import reset_after_fork, ship_all
 from ..config import ENV_PREFIX, Config, _env_suffix
-from ..errors import ChannelError, InvalidConfiguration
+from ..errors import ChannelError, ChannelTaken, InvalidConfiguration
 from ..ipc import IPCError
 from ..publisher import Publisher
 
@@ -116,6 +116,9 @@ def on_starting(server: Any) -> None:
         return
     try:
         pub.start()
+    except ChannelTaken as exc:
+        server.log.info("samsara_mp: %s; this master does not own it", exc)
+        return
     except ChannelError as exc:
         server.log.error("samsara_mp: could not start the publisher: %s", exc)
         return

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import FrameType, TracebackType
 from typing import Any
 
-from .. import ChannelError, Config, Publisher, SamsaraClient, get_client, ship_all
+from .. import ChannelTaken, Config, Publisher, SamsaraClient, get_client, ship_all
 
 __all__ = [
     "PoolPublisher",
@@ -234,17 +234,13 @@ class PoolPublisher:
 
     def start(self, timeout: float = 15.0) -> PoolPublisher:
         """Start the publisher; raise ``ChannelError`` unless it or another one answers."""
-        pub = self.publisher
         try:
-            pub.start(timeout)
-            # start() also returns when the publisher answering is another one.
-            self.owned = pub.stats(timeout)["publisher_pid"] == pub.pid
-        except (ChannelError, OSError):
-            if not pub.channel.wait_connectable(1.0):
-                raise
-        if not self.owned:
-            pub.stop(1.0)
-            log.info("samsara_mp: channel %s already has a publisher; using it", pub.channel.name)
+            self.publisher.start(timeout)
+        except ChannelTaken as exc:
+            log.info("samsara_mp: %s; using it", exc)
+            self.owned = False
+        else:
+            self.owned = True
         return self
 
     def initializer_args(
