@@ -1,10 +1,13 @@
-"""Cost versus event size, and the publisher's memory per buffered event.
+"""Cost versus event size and batch size, and the publisher's memory per buffered event.
 
 A. For events of about 100 B, 1 KiB and 10 KiB (encoded size; the payload is
    random letters from a pool, so gzip sees realistic-ish, not constant,
    text): record_event latency in one process (publisher healthy), and the
    end-to-end run of bench_throughput.py with 2 workers: events/s, MB/s,
    CPU µs per event for workers, publisher and server, gzip ratio.
+C. Batch size: the same end-to-end run with 100 B events and
+   ``max_batch_size`` from 100 to 20,000: events/s, requests, publisher and
+   server CPU µs per event, gzip ratio.
 B. Memory per buffered event: with the reference server offline (503 to
    every POST, so the publisher retries and keeps everything), push K events
    of each size into a fresh publisher and compare its VmRSS before/after.
@@ -31,6 +34,7 @@ import bench_throughput as BT  # noqa: E402
 from samsara_mp import Publisher, SamsaraClient  # noqa: E402
 
 SIZES = (100, 1024, 10 * 1024)
+BATCHES = (100, 500, 2_000, 5_000, 20_000)
 
 
 def payload_pool(size: int, kind: str = "words", pool: int = 256) -> list[str]:
@@ -99,11 +103,11 @@ def record_latency(srv: C.IngestProcess, rundir: str, pool: list[str], n: int) -
 
 
 def end_to_end(
-    srv: C.IngestProcess, rundir: str, pool: list[str], total: int, workers: int
+    srv: C.IngestProcess, rundir: str, pool: list[str], total: int, workers: int, batch: int = 5_000
 ) -> dict[str, Any]:
-    channel = f"sc-e2e-{len(pool[0])}"
+    channel = f"sc-e2e-{len(pool[0])}-{batch}"
     pub = Publisher(url=srv.url, channel=channel, runtime_dir=rundir, publish_interval=100,
-                    min_buffer_size=1, max_buffer_size=2_000_000).start()
+                    min_buffer_size=1, max_buffer_size=2_000_000, max_batch_size=batch).start()
     assert pub.pid is not None
     C.track(pub.pid, "publisher")
     try:
@@ -115,6 +119,7 @@ def end_to_end(
         r["server_cpu_us"] = (C.proc_cpu_seconds(srv.pid) - s0) / r["events"] * 1e6
         st = pub.stats()
         r["raw_bytes"], r["sent_bytes"] = st["bytes_raw"], st["bytes_sent"]
+        r["requests"] = st["requests"]
         r["drops"] = st["dropped_overflow"] + st["rejected"]
         r["pub_peak_rss_mb"] = C.proc_status_kb(pub.pid, "VmHWM") / 1024
     finally:
@@ -172,7 +177,7 @@ def main() -> int:
     scale = 5 if args.quick else 1
     counts = {100: 200_000 // scale, 1024: 100_000 // scale, 10 * 1024: 20_000 // scale}
     rundir = tempfile.mkdtemp(prefix="bs-", dir="/tmp")
-    cost_rows, mem_rows = [], []
+    cost_rows, batch_rows, mem_rows = [], [], []
     srv = C.IngestProcess()
     try:
         for size in SIZES:
@@ -180,6 +185,10 @@ def main() -> int:
             lat = record_latency(srv, rundir, pool, min(counts[size], 50_000))
             e2e = end_to_end(srv, rundir, pool, counts[size], args.workers)
             cost_rows.append({"size": size, **lat, **{k: v for k, v in e2e.items() if k != "errors"}})
+        pool = payload_pool(100, args.payload)
+        for batch in BATCHES:
+            e2e = end_to_end(srv, rundir, pool, counts[100], args.workers, batch)
+            batch_rows.append({"batch": batch, **{k: v for k, v in e2e.items() if k != "errors"}})
         for size in SIZES:
             pool = payload_pool(size, args.payload)
             mem_rows.append({"size": size, **memory_per_event(srv, rundir, pool, counts[size])})
@@ -197,6 +206,15 @@ def main() -> int:
         title=f"cost versus event size (publisher healthy, payload: {args.payload})",
     )
     C.table(
+        ["max_batch_size", f"e2e events ({args.workers} workers)", "delivered", "requests", "events/s",
+         "worker CPU µs/ev", "publisher CPU µs/ev", "server CPU µs/ev", "gzip ratio", "pub peak RSS MB"],
+        [[r["batch"], r["events"], r["delivered"], r["requests"], r["events_per_s"],
+          r["worker_cpu_s_per_M"], r["helper_cpu_s_per_M"], r["server_cpu_us"],
+          r["sent_bytes"] / max(r["raw_bytes"], 1), r["pub_peak_rss_mb"]]
+         for r in batch_rows],
+        title=f"cost versus batch size (100 B events, payload: {args.payload})",
+    )
+    C.table(
         ["event size", "events buffered", "avg encoded bytes", "VmRSS before MB", "VmRSS after MB",
          "VmHWM MB", "RSS bytes / event", "overhead bytes / event", "failed POSTs meanwhile"],
         [[f"{r['size']:,} B", r["buffered"], r["event_bytes"], r["rss_before_mb"], r["rss_after_mb"],
@@ -204,7 +222,8 @@ def main() -> int:
          for r in mem_rows],
         title="publisher memory per buffered event (server offline: 503, events kept)",
     )
-    C.save_json(args.json, {"machine": C.machine_info(), "cost": cost_rows, "memory": mem_rows})
+    C.save_json(args.json, {"machine": C.machine_info(), "cost": cost_rows, "batch": batch_rows,
+                            "memory": mem_rows})
     return 0
 
 
