@@ -158,7 +158,7 @@ class SharedBuffer:
                 return Batch(self._head_seq if from_seq is None else from_seq, [])
             # C-speed slices and sums; trim by bytes only when the budget is passed.
             out = list(islice(self._ring, start, start + max_count))
-            full = len(out) == max_count
+            full = start + len(out) < len(self._ring)  # more follow: the count stopped it
             sizes = list(accumulate(map(len, out)))
             if sizes and sizes[-1] > max_bytes:
                 keep = max(bisect_right(sizes, max_bytes), 1)

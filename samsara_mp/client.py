@@ -294,6 +294,7 @@ class SamsaraClient:
             if not self._elect(timeout, wait, deadline):
                 raise
             self._conn = self.channel.connect(self._bounded(timeout, deadline))
+        self._conn.timeout = timeout  # later calls get the full bound, not what the deadline left
         return self._conn
 
     def _elect(self, timeout: float, wait: bool = True, deadline: float | None = None) -> bool:

@@ -173,7 +173,8 @@ class PublishLoop:
             batch = self.buffer.peek(cfg.max_batch_size, cfg.max_batch_bytes)
         if not batch.payloads:
             return
-        if self._prepare is not None:
+        if self._prepare is not None and batch.full and not self._failures:
+            # A backlog: the next batch is already there to prepare.
             self._next = self._prepare.submit(self._prepare_after, batch)
         outcome = settle(self.transport, batch.payloads, body=body)
         self.buffer.commit(batch, outcome.delivered, outcome.rejected)

@@ -217,7 +217,12 @@ class Publisher:
         code = proc.poll()
         if code == EXIT_LOST_ELECTION:
             self._proc = None
-            raise ChannelTaken(self.channel.name, serving or self._serving_pid(1.0))
+            serving = serving or self._serving_pid(1.0)
+            if serving is not None:
+                raise ChannelTaken(self.channel.name, serving)
+            raise ChannelError(
+                f"channel {self.channel.name} is locked by a publisher that does not answer"
+            )
         self.stop(timeout=1.0)
         self._proc = None
         raise ChannelError(
