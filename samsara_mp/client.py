@@ -306,7 +306,10 @@ class SamsaraClient:
         proc = self.channel.spawn_publisher()
         if not wait:
             return False  # record_event ships inline: never wait for a start there
-        ok = self.channel.wait_connectable(self._bounded(max(timeout, 10.0), deadline), proc)
+        # Not cut by the deadline: a publisher this call started is let come up
+        # (the one wait ship(timeout) may overrun); otherwise a short ship, as
+        # uWSGI's after-request hook does, could never elect one.
+        ok = self.channel.wait_connectable(max(timeout, 10.0), proc)
         if not ok and proc.poll() == EXIT_LOST_ELECTION:
             ok = self.channel.wait_connectable(self._bounded(timeout, deadline))
         return ok
@@ -346,7 +349,10 @@ class SamsaraClient:
         )
 
     def ship(self, timeout: float | None = None) -> bool:
-        """Push every staged event to the publisher within ``timeout``; True when done."""
+        """Push every staged event to the publisher within ``timeout``; True when done.
+
+        The one wait that may overrun ``timeout`` is for a publisher this call
+        has just started, when none ran (up to 10 s)."""
         deadline = time.monotonic() + (self.config.ipc_timeout_s if timeout is None else timeout)
         while self._staged or self._pending or self._unreported_dropped:
             if time.monotonic() >= deadline:
