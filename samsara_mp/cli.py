@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="samsara-mp",
         description="One shared buffer and one publisher for every process of an app, "
         "for the Samsara Ingestion API.",
-        epilog="exit codes: 0 ok, 1 failure/refused, 2 usage error, 3 no publisher reachable. "
+        epilog="exit codes: 0 ok, 1 failure/refused, 2 usage error or invalid event/configuration, "
+        "3 no publisher reachable. "
         "Try `samsara-mp demo` first.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
