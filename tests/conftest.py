@@ -31,6 +31,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str = "condit
         delay = min(delay * 2, 0.1)
 
 
+def settled_stats(pub: Any, recorded: int) -> dict[str, Any]:
+    """Poll ``pub.stats()`` until ``recorded`` events were recorded and none is buffered; the stats."""
+    seen: dict[str, Any] = {}
+
+    def settled() -> bool:
+        seen.update(pub.stats())
+        return bool(seen["recorded"] == recorded and seen["buffered"] == 0)
+
+    try:
+        wait_until(settled, 20, f"{recorded} events recorded and nothing buffered")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; stats {seen}") from None
+    return seen
+
+
 @pytest.fixture
 def server() -> Iterator[IngestServer]:
     srv = IngestServer(store="memory")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import settled_stats, wait_until
 
 from samsara_mp import InvalidConfiguration, Publisher
 from samsara_mp.ingest import IngestServer
@@ -190,20 +190,6 @@ def _balanced(stats: dict[str, Any]) -> bool:
     return bool(stats["recorded"] == left)
 
 
-def _settled(pub: Publisher, recorded: int) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-
-    def settled() -> bool:
-        seen.update(pub.stats())
-        return bool(seen["recorded"] == recorded and seen["buffered"] == 0)
-
-    try:
-        wait_until(settled, 20, f"{recorded} events recorded and nothing buffered")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; stats {seen}") from None
-    return seen
-
-
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -233,7 +219,7 @@ def test_prefork_worker_owns_the_publisher_and_every_task_event_arrives_once(
         channel_view = Publisher(**fast_config)
         info = wait_until(channel_view.channel.read_info, 10, "publisher.json")
         assert info["owner_pid"] == worker.pid
-        stats = _settled(channel_view, N)
+        stats = settled_stats(channel_view, N)
         assert stats["delivered"] == N and stats["dropped_overflow"] == stats["rejected"] == 0
         assert _balanced(stats)
         assert worker.warm_shutdown() == 0, worker.log_tail()
@@ -263,7 +249,7 @@ def test_events_a_recycled_child_still_stages_are_shipped_as_it_exits(
         assert worker.warm_shutdown() == 0, worker.log_tail()
     finally:
         worker.kill_leftovers()
-    stats = _settled(publisher, N)
+    stats = settled_stats(publisher, N)
     assert stats["delivered"] == N and _balanced(stats)
     assert _task_numbers(server) == Counter(range(N))
     assert server.event_count() == N

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import settled_stats
 
 from samsara_mp import InvalidConfiguration, Publisher, get_client
 from samsara_mp.ingest import IngestServer
@@ -57,20 +57,6 @@ def _balanced(stats: dict[str, Any]) -> bool:
     return bool(stats["recorded"] == left)
 
 
-def _settled(pub: PoolPublisher | Publisher, recorded: int) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-
-    def settled() -> bool:
-        seen.update(pub.stats())
-        return bool(seen["recorded"] == recorded and seen["buffered"] == 0)
-
-    try:
-        wait_until(settled, 20, f"{recorded} events recorded and nothing buffered")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; stats {seen}") from None
-    return seen
-
-
 def _numbers(server: IngestServer, name: str) -> Counter[int]:
     return Counter(e["n"] for e in server.events() if e["eventName"] == name)
 
@@ -98,7 +84,7 @@ def test_pool_workers_deliver_every_event_exactly_once(
             finally:
                 pool.terminate()
         # The workers are gone: what they shipped on the way out is all there is.
-        stats = _settled(pub, N)
+        stats = settled_stats(pub, N)
         assert stats["delivered"] == N and _balanced(stats)
     assert server.wait_for_events(N, 30), server.event_count()
     assert _numbers(server, "pool.task") == Counter(range(N))
@@ -122,11 +108,11 @@ def test_parent_client_made_before_a_fork_pool_is_not_duplicated_by_the_children
             with ctx.Pool(3, **pub.pool_kwargs()) as pool:
                 assert pool.map(record_one, range(N)) == list(range(N))
             # The children shipped only their own events, not their copy of ours.
-            stats = _settled(pub, N)
+            stats = settled_stats(pub, N)
             assert stats["delivered"] == N
             assert parent.stats()["local"]["staged"] == 100
             assert parent.ship(timeout=10)
-            stats = _settled(pub, N + 100)
+            stats = settled_stats(pub, N + 100)
             assert stats["delivered"] == N + 100 and _balanced(stats)
         finally:
             parent.close()
@@ -175,7 +161,7 @@ def test_sigterm_handler_ships_then_does_what_sigterm_did_before(
         if proc.is_alive():
             proc.kill()
             proc.join(5)
-    stats = _settled(publisher, shipped)
+    stats = settled_stats(publisher, shipped)
     assert stats["delivered"] == shipped
     assert _numbers(server, "pool.task") == Counter(range(shipped))
 
