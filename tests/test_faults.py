@@ -174,6 +174,16 @@ def test_ship_and_flush_keep_their_timeout_with_a_frozen_publisher(
     assert _seqs(server, "during") == list(range(10))
 
 
+def test_a_connection_opened_under_a_short_deadline_keeps_the_full_ipc_timeout(
+    publisher: Publisher, fast_config: dict[str, Any]
+) -> None:
+    config = dict(fast_config, ipc_timeout=4_000, shipper="inline")  # only ship() connects
+    with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
+        _record(client, 5, "short")
+        assert client.ship(timeout=0.5)
+        assert client._conn is not None and client._conn.timeout == 4.0  # later calls get it all
+
+
 def test_sigterm_with_api_down_spools_and_next_publisher_resends_first(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:

@@ -75,6 +75,22 @@ def test_a_second_owner_handle_is_told_who_serves_and_owns_nothing(
     assert publisher.stats()["publisher_pid"] == publisher.pid  # the first still serves
 
 
+def test_a_lock_held_by_a_publisher_that_never_answers_is_a_start_failure_not_taken(
+    fast_config: dict[str, Any]
+) -> None:
+    holder = Publisher(**fast_config)
+    holder.channel.ensure_dir()
+    lock = holder.channel.try_lock()  # this test holds the election lock and serves nothing
+    assert lock is not None
+    try:
+        with pytest.raises(ChannelError) as info:
+            Publisher(**fast_config).start(timeout=3)
+        assert not isinstance(info.value, ChannelTaken), info.value
+        assert "does not answer" in str(info.value)
+    finally:
+        lock.release()
+
+
 def test_publisher_sigkill_leads_to_reelection_and_delivery_continues(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:
