@@ -87,8 +87,7 @@ def summarise(state: str, lat: array, overhead: int, dropped: int, wall: float, 
 
 
 def local_dropped(client: SamsaraClient) -> int:
-    with client._lock:  # the client's own counter; stats() would also ask the publisher
-        return client._staging_dropped
+    return client._staging.dropped  # the client's own counter; stats() would also ask the publisher
 
 
 def main() -> int:

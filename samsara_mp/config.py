@@ -47,7 +47,8 @@ class Config:
     max_batch_size: int = 5_000
     max_batch_bytes: int = 4 * 1024 * 1024
     max_event_bytes: int = 64 * 1024
-    staging_size: int = 10_000
+    staging_size: int = 200_000
+    staging_bytes: int = 8 * 1024 * 1024
     ship_batch: int = 256
     ship_delay: int = 5
     ipc_timeout: int = 2_000
@@ -157,7 +158,7 @@ class Config:
                 raise InvalidConfiguration(name, f"must be True or False, not {getattr(self, name)!r}")
         positive = (
             "publish_interval", "max_buffer_size", "send_timeout", "max_batch_size",
-            "max_batch_bytes", "max_event_bytes", "staging_size", "ship_batch",
+            "max_batch_bytes", "max_event_bytes", "staging_size", "staging_bytes", "ship_batch",
             "ipc_timeout", "backoff_base", "backoff_cap", "stats_interval",
         )
         for name in positive:
@@ -169,6 +170,11 @@ class Config:
             raise InvalidConfiguration(
                 "min_buffer_size",
                 f"{self.min_buffer_size} is larger than max_buffer_size {self.max_buffer_size}",
+            )
+        if self.staging_bytes < self.max_event_bytes:
+            raise InvalidConfiguration(
+                "staging_bytes",
+                f"{self.staging_bytes} is smaller than max_event_bytes {self.max_event_bytes}",
             )
         if self.backoff_cap < self.backoff_base:
             raise InvalidConfiguration("backoff_cap", "must be at least backoff_base")

@@ -12,26 +12,38 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import threading
 import time
 from multiprocessing import util as mp_util
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .client import SamsaraClient
-
-__all__ = ["get_client", "ship_all", "close_all", "reset_after_fork", "register", "unregister"]
+__all__ = [
+    "ship_all", "close_all", "reset_after_fork", "register", "unregister", "Shippable",
+    "expect_owner", "owner_expected",
+]
 
 log = logging.getLogger("samsara_mp")
 
-_CLIENTS: set[SamsaraClient] = set()
+
+class Shippable(Protocol):
+    """What the process hooks need of a client (``SamsaraClient`` is one)."""
+
+    closed: bool
+    pid: int
+    exit_timeout_s: float
+
+    def ship(self, timeout: float | None = None) -> bool: ...
+    def close(self, timeout: float | None = None) -> bool: ...
+    def after_fork_in_child(self) -> None: ...
 
 
-def register(client: SamsaraClient) -> None:
+_CLIENTS: set[Shippable] = set()
+
+
+def register(client: Shippable) -> None:
     _CLIENTS.add(client)
 
 
-def unregister(client: SamsaraClient) -> None:
+def unregister(client: Shippable) -> None:
     _CLIENTS.discard(client)
 
 
@@ -42,16 +54,16 @@ def reset_after_fork() -> None:
     Python's fork hooks (uWSGI) call it from their post-fork hook. Idempotent.
     """
     for client in list(_CLIENTS):
-        client._after_fork_in_child()
+        client.after_fork_in_child()
 
 
 os.register_at_fork(after_in_child=reset_after_fork)
 
 
-def _open_clients() -> list[SamsaraClient]:
+def _open_clients() -> list[Shippable]:
     """Clients this process may ship for: open, and not inherited through a fork."""
     pid = os.getpid()
-    return [c for c in list(_CLIENTS) if not c._closed and c._pid == pid]
+    return [c for c in list(_CLIENTS) if not c.closed and c.pid == pid]
 
 
 def ship_all(timeout: float = 5.0) -> bool:
@@ -72,31 +84,11 @@ def close_all(timeout: float = 5.0) -> bool:
     return done
 
 
-_default_client: SamsaraClient | None = None
-_default_lock = threading.Lock()
-
-
-def get_client(**config: Any) -> SamsaraClient:
-    """This process's shared client, created on first use from ``config`` and the environment.
-
-    Integrations and application code call it alike, so one process has one
-    staging deque and one shipper however many modules record events.
-    """
-    from .client import SamsaraClient
-
-    global _default_client
-    with _default_lock:
-        client = _default_client
-        if client is None or client._closed:
-            client = _default_client = SamsaraClient(**config)
-        return client
-
-
 def _close_all_at_exit() -> None:
     """Ship every open client's staged events as the process ends, each bounded."""
     for client in _open_clients():
         try:
-            client.close(client.config.exit_timeout_s)
+            client.close(client.exit_timeout_s)
         except Exception:  # noqa: BLE001 - never let an exit hook raise
             log.exception("samsara_mp: flush at exit failed")
 
@@ -118,3 +110,19 @@ def _register_exit_finalizer(_: object = None) -> None:
 atexit.register(_close_all_at_exit)
 _register_exit_finalizer()
 mp_util.register_after_fork(_anchor, _register_exit_finalizer)
+
+
+_owner_pid: int | None = None
+
+
+def expect_owner() -> None:
+    """Say that this process will own the channel's publisher (a gunicorn master's
+    hooks, a Celery main process): its clients then do not launch one themselves
+    when they are made, and leave the start to the owner."""
+    global _owner_pid
+    _owner_pid = os.getpid()
+
+
+def owner_expected() -> bool:
+    """True in a process that said :func:`expect_owner` (not in its forked children)."""
+    return _owner_pid == os.getpid()

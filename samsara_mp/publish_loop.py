@@ -20,14 +20,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .buffer import Batch, SharedBuffer
 from .config import Config
 from .delivery import Outcome, settle
 from .retry import RetryPolicy
 from .transport import Body, Transport
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 __all__ = ["PublishLoop"]
 
@@ -47,9 +49,7 @@ class PublishLoop:
     ) -> None:
         self.buffer = buffer
         self.config = config
-        self.transport = transport or Transport(
-            config.endpoint, config.send_timeout_s, config.compression, config.compression_level
-        )
+        self._transport = transport
         self.policy = policy or RetryPolicy(
             base=config.backoff_base / 1000.0, cap=config.backoff_cap / 1000.0
         )
@@ -82,8 +82,21 @@ class PublishLoop:
             "backoff_until": None,
         }
 
+    @property
+    def transport(self) -> Transport:
+        """Made at the first publish, in the loop's thread: the publisher serves before it
+        loads requests, and the import does not compete for the GIL with the first
+        handshakes (which it slowed past a 0.1 s ship deadline under uWSGI)."""
+        if self._transport is None:
+            cfg = self.config
+            self._transport = Transport(cfg.endpoint, cfg.send_timeout_s, cfg.compression,
+                                        cfg.compression_level)
+        return self._transport
+
     # ---- control ----
     def start(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self._prepare = ThreadPoolExecutor(1, thread_name_prefix="samsara-mp-prepare")
         self._thread = threading.Thread(target=self._run, name="samsara-mp-publish", daemon=True)
         self._thread.start()
@@ -131,7 +144,8 @@ class PublishLoop:
         finally:
             if self._prepare is not None:
                 self._prepare.shutdown(wait=False, cancel_futures=True)
-            self.transport.close()
+            if self._transport is not None:
+                self._transport.close()
 
     def _ready(self) -> bool:
         """Called under the buffer's lock: is there a reason to publish right now?"""

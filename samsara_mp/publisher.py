@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .buffer import SharedBuffer
-from .channel import Channel
+from .channel import EXIT_LOST_ELECTION, Channel, release_gate
 from .config import Config
 from .errors import ChannelError, ChannelTaken
 from .hooks import OutcomeHooks
@@ -31,19 +30,21 @@ from .publish_loop import PublishLoop
 from .spool import Spool
 from .stats import ClientStatsReporter
 
+if TYPE_CHECKING:
+    import subprocess
+
 __all__ = ["Publisher", "PublisherProcess", "main", "EXIT_LOST_ELECTION"]
 
 log = logging.getLogger("samsara_mp")
-
-EXIT_LOST_ELECTION = 3
 
 
 class PublisherProcess:
     """What runs inside the publisher process."""
 
-    def __init__(self, config: Config, owner_pid: int | None = None) -> None:
+    def __init__(self, config: Config, owner_pid: int | None = None, gate_fd: int | None = None) -> None:
         self.config = config
         self.owner_pid = owner_pid
+        self.gate_fd = gate_fd  # the spawn gate its launcher held: let go once serving
         self.channel = Channel(config)
         self.buffer = SharedBuffer(config.max_buffer_size)
         hooks = OutcomeHooks(config.on_success, config.on_failure)
@@ -57,19 +58,26 @@ class PublisherProcess:
         self._server: Server | None = None
         self._restored = 0
 
+    def _release_gate(self) -> None:
+        release_gate(self.gate_fd)
+        self.gate_fd = None
+
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
 
     def run(self) -> int:
         """Serve until stopped; the process's exit status."""
+        # The spawn gate, if any, goes with this process whatever happens.
         self.channel.ensure_dir()
         lock = self.channel.try_lock()
         if lock is None:
+            self._release_gate()
             log.info("samsara_mp: channel %s already has a publisher", self.channel.name)
             return EXIT_LOST_ELECTION
         try:
             return self._serve()
         finally:
+            self._release_gate()
             try:
                 self.channel.info_path.unlink()
             except FileNotFoundError:
@@ -91,6 +99,7 @@ class PublisherProcess:
             {"pid": os.getpid(), "started_at": self._started, "channel": self.channel.name,
              "url": self.config.url, "owner_pid": self.owner_pid}
         )
+        self._release_gate()
         log.info("samsara_mp: publisher %d serving channel %s", os.getpid(), self.channel.name)
         idle_since = time.monotonic()
         next_report = time.monotonic() + self.config.stats_interval / 1000.0
@@ -246,6 +255,8 @@ class Publisher:
             timeout = self.config.shutdown_timeout_s + self.config.send_timeout_s + 5.0
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
+        import subprocess
+
         try:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -271,13 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m samsara_mp.publisher")
     parser.add_argument("--config", required=True, help="the Config as JSON")
     parser.add_argument("--owner-pid", type=int, default=None)
+    parser.add_argument("--gate-fd", type=int, default=None, help="the spawn gate to let go once serving")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr,
         format="%(asctime)s samsara_mp publisher[%(process)d] %(levelname)s %(message)s",
     )
     config = Config.build(env={}, **json.loads(args.config))
-    proc = PublisherProcess(config, owner_pid=args.owner_pid)
+    proc = PublisherProcess(config, owner_pid=args.owner_pid, gate_fd=args.gate_fd)
     signal.signal(signal.SIGTERM, proc.request_stop)
     signal.signal(signal.SIGINT, proc.request_stop)
     try:

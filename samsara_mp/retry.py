@@ -11,7 +11,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 
 __all__ = ["RetryPolicy", "parse_retry_after", "is_retryable_status"]
 
@@ -33,6 +32,8 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
     if value.isdigit():
         return float(value)
     try:
+        from email.utils import parsedate_to_datetime  # here: a slow import, rarely needed
+
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None

@@ -11,11 +11,12 @@ import logging
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import requests
+from typing import TYPE_CHECKING, Any
 
 from .helpers import current_time_millis
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = ["Transport", "Body", "HTTPAnswer", "TransportError", "PUBLISHED_TIMESTAMP_HEADER"]
 
@@ -92,6 +93,8 @@ class Transport:
         self.timeout = (timeout_s, timeout_s)
         self.gzip = compression == "gzip"
         self.level = compression_level
+        import requests  # here, not at import: the publisher serves before it loads requests
+
         self.session = session or requests.Session()
         self.session.trust_env = False  # never route loopback or the API through a proxy env
         self._headers = {
@@ -115,9 +118,15 @@ class Transport:
         try:
             resp = self.session.post(self.endpoint, data=body.data, headers=headers, timeout=self.timeout)
             content = resp.content
-        except requests.RequestException as exc:
+        except _request_exception() as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}", body.raw_bytes, exc) from exc
         return HTTPAnswer(resp.status_code, dict(resp.headers), content, body.raw_bytes, len(body.data))
 
     def close(self) -> None:
         self.session.close()
+
+
+def _request_exception() -> type[Exception]:
+    import requests
+
+    return requests.RequestException

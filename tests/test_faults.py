@@ -160,7 +160,7 @@ def test_ship_and_flush_keep_their_timeout_with_a_frozen_publisher(
             assert client.flush(timeout=10)
             os.kill(pub.pid, signal.SIGSTOP)
             try:
-                client._drop_connection()  # the next push must connect (and may try to elect)
+                client._shipper.drop_connection()  # the next push must connect (and may try to elect)
                 _record(client, 10, "during")
                 for call in (client.ship, client.flush):
                     started = time.monotonic()
@@ -181,7 +181,8 @@ def test_a_connection_opened_under_a_short_deadline_keeps_the_full_ipc_timeout(
     with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
         _record(client, 5, "short")
         assert client.ship(timeout=0.5)
-        assert client._conn is not None and client._conn.timeout == 4.0  # later calls get it all
+        conn = client._shipper.conn
+        assert conn is not None and conn.timeout == 4.0  # later calls get it all
 
 
 def test_sigterm_with_api_down_spools_and_next_publisher_resends_first(

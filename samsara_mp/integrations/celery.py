@@ -51,6 +51,7 @@ from .. import (
     Publisher,
     close_all,
     get_client,
+    process,
     ship_all,
 )
 
@@ -126,6 +127,9 @@ def setup(
     )
     for signal, handler in _HANDLERS:
         signal.connect(handler, dispatch_uid=_UID + handler.__name__)
+    if own_publisher:
+        # worker_init starts the publisher here: clients made before it leave the start to it.
+        process.expect_owner()
 
 
 def teardown() -> None:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
+from .. import process
 from ..client import reset_after_fork, ship_all
 from ..config import ENV_PREFIX, Config, _env_suffix
 from ..errors import ChannelError, ChannelTaken, InvalidConfiguration
@@ -48,6 +50,11 @@ _REQUEST_SHIP_TIMEOUT = 0.1
 _publisher: Publisher | None = None
 _exit_timeout: tuple[int, float] | None = None  # (pid, seconds)
 
+if "gunicorn.arbiter" in sys.modules:
+    # Loaded from gunicorn.conf.py: this master's on_starting owns the publisher,
+    # so a client made while it loads the app (preload_app) leaves the start to it.
+    process.expect_owner()
+
 
 def configure(**config: Any) -> None:
     """Set samsara_mp's settings for this gunicorn app; call it in ``gunicorn.conf.py``.
@@ -60,6 +67,7 @@ def configure(**config: Any) -> None:
     ``InvalidConfiguration`` for an unknown key or an invalid value.
     """
     global _exit_timeout
+    process.expect_owner()
     for key in config:
         if key not in _CONFIG_KEYS:
             raise InvalidConfiguration(key, "unknown configuration key")

@@ -1,0 +1,342 @@
+"""Shipping: moving a process's staged events to the channel's publisher.
+
+A :class:`Shipper` owns one process's connection to the publisher, the push
+in flight (resent with the same sequence number until acknowledged, so IPC
+retries never duplicate), the election when no publisher answers, and the
+optional shipper thread. The thread starts lazily, at the first staged event,
+so a process that only made a client (a gunicorn master with ``preload_app``,
+a Pool's parent) stays single-threaded when it forks. Where no thread can run
+(uWSGI without threads), ``record_event`` ships inline and never waits on the
+publisher: a push is written without waiting and its answer is read by a
+later call, and every connection attempt there is cut to a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from .channel import Channel, Launch
+from .config import Config
+from .errors import ChannelError
+from .ipc import IPCError, TimedConnection
+from .staging import Push, Staging
+
+__all__ = ["Shipper", "INLINE_BUDGET"]
+
+log = logging.getLogger("samsara_mp")
+
+_CONNECT_BACKOFF_MAX = 2.0
+# What record_event may spend on one inline attempt: a connect and handshake
+# (about 0.3 ms with a healthy publisher), or one non-blocking write.
+INLINE_BUDGET = 0.004
+# How long a publisher this process launched is given to come up.
+_START_WAIT = 10.0
+
+
+class Shipper:
+    """Pushes one process's staged events to the publisher; owns its connection and thread."""
+
+    def __init__(self, config: Config, channel: Channel, staging: Staging) -> None:
+        self.config = config
+        self.channel = channel
+        self.staging = staging
+        mode = config.shipper
+        self.inline = mode == "inline" or (mode == "auto" and _uwsgi_without_threads())
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh per-process state (at construction, and in the child of a fork)."""
+        self.client_id = f"{os.getpid()}-{os.urandom(6).hex()}"
+        self.lock = threading.RLock()  # one push at a time on the connection
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.thread_errors = 0
+        self.conn: TimedConnection | None = None
+        self.pending: Push | None = None
+        self.awaiting = False  # pending was written inline; its answer is not read yet
+        self.sent_at = 0.0
+        self.next_connect = 0.0
+        self.failures = 0
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's connection, push and thread."""
+        conn = self.conn
+        self.reset()
+        if conn is not None:
+            try:
+                os.close(conn.fileno())
+            except OSError:
+                pass
+            conn._handle = None  # type: ignore[attr-defined]
+
+    # ---- the thread ----
+    def start_thread(self) -> bool:
+        """Start the shipper thread (once); False when this process ships inline."""
+        if self.inline:
+            return False
+        with self.lock:
+            if self.thread is not None or self.stopping.is_set():
+                return self.thread is not None
+            try:
+                thread = threading.Thread(target=self._run, name="samsara-mp-shipper", daemon=True)
+                thread.start()
+            except RuntimeError:
+                log.info("samsara_mp: no thread can start here; shipping from record_event")
+                self.inline = True
+                return False
+            self.thread = thread
+            return True
+
+    def stop_thread(self, timeout: float) -> None:
+        self.stopping.set()
+        self.wake.set()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        # Supervised: an unexpected error is logged and counted, and the loop goes on.
+        while not self.stopping.is_set():
+            try:
+                self._ship_loop()
+            except Exception:  # noqa: BLE001 - the shipper must never die silently
+                self.thread_errors += 1
+                log.exception("samsara_mp: shipper thread error %d; carrying on", self.thread_errors)
+                self.stopping.wait(min(0.05 * self.thread_errors, 1.0))
+
+    def _ship_loop(self) -> None:
+        delay = self.config.ship_delay_s
+        staging = self.staging
+        batch = self.config.ship_batch
+        while not self.stopping.is_set():
+            self.wake.wait()
+            self.wake.clear()
+            if self.stopping.is_set():
+                return
+            # Wait for a full batch, but no longer than ship_delay after the first event.
+            deadline = staging.since + delay
+            while len(staging) < batch and not self.stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.wake.wait(left)
+                self.wake.clear()
+            while (staging.has_work() or self.pending) and not self.stopping.is_set():
+                if not self.ship_once():
+                    self.stopping.wait(self.retry_wait())
+                    break
+            if staging.has_work() and not self.stopping.is_set():
+                self.wake.set()
+
+    def retry_wait(self) -> float:
+        return max(self.next_connect - time.monotonic(), self.config.ship_delay_s, 0.01)
+
+    # ---- pushing ----
+    def ship_once(self, deadline: float | None = None) -> bool:
+        """Push one batch, waiting (bounded) for the answer; False when the
+        publisher could not be reached (or, with a ``deadline``, not within it)."""
+        if deadline is None:
+            self.lock.acquire()
+        elif not self.lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            return False  # the shipper thread is mid-push: it bounds that push itself
+        try:
+            if self.awaiting and not self._read_answer(self._bounded(self.config.ipc_timeout_s, deadline)):
+                return False
+            try:
+                conn = self.connection(deadline=deadline)
+            except (IPCError, ChannelError, OSError) as exc:
+                self.note_unreachable(exc)
+                return False
+            push = self._next_push(conn)
+            if push is None:
+                return True
+            push.sent = True
+            try:
+                conn.call("push", push.payloads, self.client_id, push.seq, push.recorded, push.dropped,
+                          timeout=self._bounded(self.config.ipc_timeout_s, deadline))
+            except (IPCError, EOFError, OSError) as exc:
+                # The publisher may or may not have taken it: keep the push as
+                # it is, and resend it with the same seq, which the buffer
+                # ignores if it already has it.
+                self.drop_connection()
+                self.note_unreachable(exc)
+                return False
+            self.pending = None
+            self.failures = 0
+            return True
+        finally:
+            self.lock.release()
+
+    def ship_inline(self) -> None:
+        """From ``record_event`` without a thread: push without ever waiting on the publisher."""
+        now = time.monotonic()
+        if now < self.next_connect or not self.lock.acquire(blocking=False):
+            return
+        try:
+            if self.awaiting:
+                conn = self.conn
+                if conn is None or not conn.poll(0):
+                    if now - self.sent_at > self.config.ipc_timeout_s:
+                        self.drop_connection()
+                        self.note_unreachable(IPCError(errno.ETIMEDOUT, "no answer to a push in time"))
+                    return
+                if not self._read_answer(INLINE_BUDGET):
+                    return
+            try:
+                conn = self.connection(deadline=now + INLINE_BUDGET, wait=False)
+            except (IPCError, ChannelError, OSError) as exc:
+                self.note_unreachable(exc)
+                return
+            push = self._next_push(conn)
+            if push is None:
+                return
+            push.sent = True
+            conn.timeout = INLINE_BUDGET
+            try:
+                conn.send(("push", (push.payloads, self.client_id, push.seq, push.recorded, push.dropped)))
+            except (IPCError, OSError) as exc:
+                # A partial write leaves the stream unusable; resend on a new connection.
+                self.drop_connection()
+                self.note_unreachable(exc)
+                return
+            finally:
+                conn.timeout = self.config.ipc_timeout_s
+            self.awaiting = True
+            self.sent_at = now
+        finally:
+            self.lock.release()
+
+    def _read_answer(self, timeout: float) -> bool:
+        """Read the answer to an inline push; True when it was acknowledged."""
+        conn = self.conn
+        self.awaiting = False
+        if conn is None:
+            return False
+        saved = conn.timeout
+        conn.timeout = max(timeout, 0.001)
+        try:
+            kind, value = conn.recv()
+        except (IPCError, EOFError, OSError) as exc:
+            self.drop_connection()
+            self.note_unreachable(exc)
+            return False
+        finally:
+            conn.timeout = saved
+        if kind != "ok":
+            self.drop_connection()
+            self.note_unreachable(IPCError(errno.EPROTO, f"publisher refused push: {value}"))
+            return False
+        self.pending = None
+        self.failures = 0
+        return True
+
+    def _next_push(self, conn: TimedConnection) -> Push | None:
+        """The push to send: the one not yet acknowledged, or a new one sized to one write."""
+        if self.pending is None:
+            # One write per push: each further write must win the GIL back
+            # from a busy recording thread, up to a switch interval each.
+            self.pending = self.staging.take(conn.sndbuf // 2, self.config.ship_batch)
+        return self.pending
+
+    def note_unreachable(self, exc: BaseException) -> None:
+        if self.pending is not None and not self.pending.sent:
+            self.staging.put_back(self.pending)  # it never left: back in order, within the bounds
+            self.pending = None
+        self.failures += 1
+        backoff = min(0.05 * (2 ** min(self.failures - 1, 8)), _CONNECT_BACKOFF_MAX)
+        self.next_connect = time.monotonic() + backoff
+        if self.failures in (1, 10) or self.failures % 100 == 0:
+            log.warning(
+                "samsara_mp: publisher of channel %s unreachable (%s); %d events staged",
+                self.channel.name, exc, len(self.staging),
+            )
+
+    @staticmethod
+    def _bounded(timeout: float, deadline: float | None) -> float:
+        """``timeout``, cut to what is left before ``deadline`` (at least 1 ms)."""
+        if deadline is None:
+            return timeout
+        return max(min(timeout, deadline - time.monotonic()), 0.001)
+
+    # ---- connecting and electing ----
+    def connection(
+        self, elect: bool = True, deadline: float | None = None, wait: bool = True
+    ) -> TimedConnection:
+        """The open connection, or a new one (electing a publisher when none answers)."""
+        if self.conn is not None:
+            return self.conn
+        timeout = self.config.ipc_timeout_s
+        try:
+            conn = self.channel.connect(self._bounded(timeout, deadline))
+        except IPCError:
+            if not (elect and self.config.start_publishing_thread):
+                raise
+            elected = self.elect(wait, deadline)
+            if elected is None:
+                raise
+            conn = elected
+        conn.timeout = timeout  # later calls get the full bound, not what the deadline left
+        self.conn = conn
+        return conn
+
+    def elect(self, wait: bool = True, deadline: float | None = None) -> TimedConnection | None:
+        """No publisher answers: launch one unless one is starting, then (if ``wait``)
+        wait for it; the connection to it, or None."""
+        launch, proc = self.channel.launch_publisher()
+        if not wait:
+            return None  # record_event ships inline: never wait for a start there
+        if launch is Launch.SERVING:
+            # A publisher holds the lock: it is starting, or hung; wait a little.
+            return self.channel.connect_when_up(self._bounded(self.config.ipc_timeout_s, deadline))
+        # Ours or another process's launch is in flight. Not cut by the deadline:
+        # a start is let come up (the one wait ship(timeout) may overrun);
+        # otherwise a short ship, as uWSGI's after-request hook does, could never elect one.
+        conn = self.channel.connect_when_up(max(self.config.ipc_timeout_s, _START_WAIT), proc)
+        if conn is None and not self.channel.lock_is_free():
+            # Ours lost the election to one that is still starting, or is hung.
+            conn = self.channel.connect_when_up(self.config.ipc_timeout_s)
+        return conn
+
+    def drop_connection(self) -> None:
+        conn, self.conn = self.conn, None
+        self.awaiting = False
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def call(
+        self, method: str, *args: Any, timeout: float, elect: bool = False, deadline: float | None = None
+    ) -> Any:
+        """One request on this process's connection, retried once on a connection
+        that died (the publisher was replaced since it was opened)."""
+        with self.lock:
+            for attempt in (1, 2):
+                if self.awaiting:
+                    self._read_answer(self.config.ipc_timeout_s)
+                fresh = self.conn is None
+                try:
+                    conn = self.connection(elect=elect, deadline=deadline)
+                    return conn.call(method, *args, timeout=timeout)
+                except (EOFError, OSError) as exc:
+                    self.drop_connection()
+                    if fresh or attempt == 2 or isinstance(exc, TimeoutError):
+                        raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _uwsgi_without_threads() -> bool:
+    try:
+        uwsgi = importlib.import_module("uwsgi")
+    except ImportError:
+        return False
+    # uWSGI 2.0 says whether Python threads run here; --enable-threads alone is not it.
+    return not getattr(uwsgi, "has_threads", 0)
