@@ -37,6 +37,7 @@ class Counters:
     rejected: int = 0
     duplicate_pushes: int = 0
     spooled: int = 0
+    dropped_spool: int = 0  # taken out to be spooled, but the spool could not be written
     pushes: int = 0
 
 
@@ -252,6 +253,7 @@ class SharedBuffer:
                 "pushes": c.pushes,
                 "duplicate_pushes": c.duplicate_pushes,
                 "spooled": c.spooled,
+                "dropped_spool": c.dropped_spool,
                 "head_seq": self._head_seq,
                 "tail_seq": self._head_seq + len(self._ring),
                 "clients_seen": len(self._last_push),
@@ -267,3 +269,9 @@ class SharedBuffer:
             self._bytes = 0
             self._oldest_since = None
             return out
+
+    def spool_failed(self, n: int) -> None:
+        """``n`` events taken by :meth:`drain_all` could not be spooled: count them lost."""
+        with self._lock:
+            self.counters.spooled -= n
+            self.counters.dropped_spool += n

@@ -128,12 +128,29 @@ class PublisherProcess:
         if not drained:
             left = self.buffer.drain_all()
             if left:
-                path = self.spool.write(left)
-                log.warning("samsara_mp: spooled %d undelivered events to %s", len(left), path)
+                try:
+                    path = self.spool.write(left)
+                except OSError as exc:
+                    self.buffer.spool_failed(len(left))
+                    log.error(
+                        "samsara_mp: could not spool %d undelivered events to %s (%s); "
+                        "counted as dropped_spool", len(left), self.spool.dir, exc,
+                    )
+                else:
+                    log.warning("samsara_mp: spooled %d undelivered events to %s", len(left), path)
         if self._server is not None:
             self._server.close()
+        # The last word on this publisher's accounting, for whoever reads its log.
+        log.info("samsara_mp: final accounting %s", json.dumps(self._accounting()))
+
+    def _accounting(self) -> dict[str, int]:
+        snap = self.stats()
+        keys = ("recorded", "delivered", "dropped_overflow", "rejected", "buffered", "spooled",
+                "dropped_spool", "restored")
+        return {k: int(snap.get(k, 0)) for k in keys}
 
     def _restore_spool(self) -> None:
+        self.spool.clean()
         for payloads in self.spool.take_all():
             # Counted as recorded here: the stopping publisher counted them as spooled.
             self.buffer.push(payloads)

@@ -28,18 +28,41 @@ class Spool:
         self.corrupt_lines = 0
 
     def write(self, payloads: Sequence[bytes]) -> Path:
+        """Write one file whole (temp name, fsync, rename) or raise ``OSError`` leaving none."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = f"spool-{time.time_ns()}-{os.getpid()}.jsonl"
         tmp = self.dir / ("." + name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"\n".join(payloads))
-            f.write(b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        final = self.dir / name
-        os.replace(tmp, final)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"\n".join(payloads))
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            final = self.dir / name
+            os.replace(tmp, final)
+        except OSError:
+            _unlink(tmp)  # a full disk must not leave a torn or empty file behind
+            raise
         return final
+
+    def clean(self) -> int:
+        """Remove what a failed or killed writer left (temp and empty files); how many."""
+        if not self.dir.is_dir():
+            return 0
+        removed = 0
+        for path in self.dir.glob(".spool-*"):
+            removed += _unlink(path)
+        for path in self.dir.glob("spool-*.jsonl"):
+            try:
+                empty = path.stat().st_size == 0
+            except OSError:
+                continue
+            if empty:
+                removed += _unlink(path)
+        if removed:
+            log.info("samsara_mp: removed %d temporary or empty spool files in %s", removed, self.dir)
+        return removed
 
     def files(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -66,7 +89,19 @@ class Spool:
                     continue
                 if not isinstance(obj, dict):
                     self.corrupt_lines += 1
+                    log.error("samsara_mp: skipping non-object line %d of spool file %s", lineno, path)
                     continue
                 good.append(line)
             path.unlink()
             yield good
+
+
+def _unlink(path: Path) -> int:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.error("samsara_mp: cannot remove spool file %s: %s", path, exc)
+        return 0
+    return 1
