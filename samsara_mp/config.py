@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from .errors import InvalidConfiguration
 
-__all__ = ["Config", "ENV_PREFIX"]
+__all__ = ["Config", "ENV_PREFIX", "redact_url"]
 
 ENV_PREFIX = "SAMSARA_MP_"
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -205,6 +205,15 @@ class Config:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InvalidConfiguration(name, "must be a non-empty path string or None")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any credentials (``user:password@``) replaced by ``***@``, for display."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc="***@" + host).geturl()
 
 
 def _env_suffix(name: str) -> str:

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .retry import is_retryable_status, parse_retry_after
+from .config import redact_url
+from .retry import is_redirect_status, is_retryable_status, parse_retry_after
 from .transport import Body, HTTPAnswer, Transport, TransportError
 
 __all__ = ["Outcome", "settle"]
@@ -92,6 +93,13 @@ def settle(
             out.retry = True
             out.retry_after = parse_retry_after(_header(answer, "Retry-After"), now)
             out.error = f"HTTP {status}: {answer.text(200)}"
+            raise _Stop
+        if is_redirect_status(status):
+            out.retry = True
+            out.error = (f"HTTP {status}: the API redirects to "
+                         f"{redact_url(_header(answer, 'Location') or '(no Location)')}; not followed, "
+                         "events kept (check the configured url)")
+            log.warning("samsara_mp: %s", out.error)
             raise _Stop
         if status == 400:
             verdicts = _positional(answer, len(indexes))

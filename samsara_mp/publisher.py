@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .buffer import SharedBuffer
 from .channel import EXIT_LOST_ELECTION, Channel, release_gate
-from .config import Config
+from .config import Config, redact_url
 from .errors import ChannelError, ChannelTaken
 from .hooks import OutcomeHooks
 from .ipc import IPCError, Server
@@ -97,7 +97,7 @@ class PublisherProcess:
         self.loop.start()
         self.channel.write_info(
             {"pid": os.getpid(), "started_at": self._started, "channel": self.channel.name,
-             "url": self.config.url, "owner_pid": self.owner_pid}
+             "url": redact_url(self.config.url), "owner_pid": self.owner_pid}
         )
         self._release_gate()
         log.info("samsara_mp: publisher %d serving channel %s", os.getpid(), self.channel.name)
@@ -187,7 +187,7 @@ class PublisherProcess:
             uptime_s=time.time() - self._started,
             connected_clients=self._server.clients if self._server else 0,
             channel=self.channel.name,
-            url=self.config.url,
+            url=redact_url(self.config.url),
         )
         return snap
 

@@ -22,6 +22,11 @@ def is_retryable_status(status: int) -> bool:
     return status in _RETRYABLE or 500 <= status <= 599
 
 
+def is_redirect_status(status: int) -> bool:
+    """A 3xx: a misconfigured URL, never a delivery; kept and retried like an outage."""
+    return 300 <= status <= 399
+
+
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
     if value is None:

@@ -116,7 +116,10 @@ class Transport:
         headers = dict(self._headers)
         headers[PUBLISHED_TIMESTAMP_HEADER] = str(current_time_millis())
         try:
-            resp = self.session.post(self.endpoint, data=body.data, headers=headers, timeout=self.timeout)
+            # Never follow a redirect: requests would turn the POST into a GET,
+            # and its 200 would count events as delivered that the API never took.
+            resp = self.session.post(self.endpoint, data=body.data, headers=headers, timeout=self.timeout,
+                                     allow_redirects=False)
             content = resp.content
         except _request_exception() as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}", body.raw_bytes, exc) from exc

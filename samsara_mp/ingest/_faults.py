@@ -32,6 +32,7 @@ class FaultRule:
     latency: float | None = None
     mode: str | None = None
     hang_seconds: float | None = None
+    location: str | None = None  # a Location header, for redirects (3xx)
 
     def __post_init__(self) -> None:
         if self.status is not None and (
@@ -44,6 +45,8 @@ class FaultRule:
             raise ValueError(f"count: must be an integer >= 1, got {self.count!r}")
         if self.retry_after is not None and not isinstance(self.retry_after, str):
             raise ValueError("retry_after: must be a string (sent verbatim)")
+        if self.location is not None and not isinstance(self.location, str):
+            raise ValueError("location: must be a string (sent verbatim)")
         if self.body is not None and not isinstance(self.body, str):
             raise ValueError("body: must be a string")
         for key in ("latency", "hang_seconds"):

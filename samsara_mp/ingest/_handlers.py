@@ -263,7 +263,9 @@ class _ApiHandler(_HandlerBase):
             return True
         if rule.status is None:
             return False
-        headers = {"Retry-After": rule.retry_after} if rule.retry_after is not None else None
+        headers = {"Retry-After": rule.retry_after} if rule.retry_after is not None else {}
+        if rule.location is not None:
+            headers["Location"] = rule.location
         if rule.body is None:
             self._send_json(rule.status, {"status": "ERROR", "message": "Injected fault"}, headers)
         else:

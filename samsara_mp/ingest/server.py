@@ -296,9 +296,10 @@ class IngestServer:
         latency: float | None = None,
         mode: str | None = None,
         hang_seconds: float | None = None,
+        location: str | None = None,
     ) -> FaultRule:
         """Queue a fault for the next ``count`` event POSTs (FIFO after earlier rules)."""
-        rule = FaultRule(status, count, retry_after, body, latency, mode, hang_seconds)
+        rule = FaultRule(status, count, retry_after, body, latency, mode, hang_seconds, location)
         self._core.add_faults([rule])
         return rule
 
