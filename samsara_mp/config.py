@@ -25,6 +25,13 @@ __all__ = ["Config", "ENV_PREFIX", "redact_url"]
 ENV_PREFIX = "SAMSARA_MP_"
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _COMPRESSIONS = ("gzip", "none")
+# Every millisecond setting is bounded: a huge value passes int checks and then
+# overflows a thread's wait (OverflowError) far from where it was set.
+_MAX_MS = 30 * 24 * 3600 * 1000
+_MS_KEYS = (
+    "publish_interval", "send_timeout", "ship_delay", "ipc_timeout", "shutdown_timeout",
+    "exit_timeout", "idle_timeout", "backoff_base", "backoff_cap", "stats_interval",
+)
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,11 @@ class Config:
         for name in ("min_buffer_size", "ship_delay", "shutdown_timeout", "idle_timeout",
                      "exit_timeout"):
             _check_int(name, getattr(self, name), minimum=0)
+        for name in _MS_KEYS:
+            if getattr(self, name) > _MAX_MS:
+                raise InvalidConfiguration(
+                    name, f"{getattr(self, name)} ms is more than {_MAX_MS} (30 days)"
+                )
         if self.min_buffer_size > self.max_buffer_size:
             raise InvalidConfiguration(
                 "min_buffer_size",

@@ -83,12 +83,13 @@ def settle(
             on_answer(len(indexes), answer)
         return answer
 
-    def run(indexes: list[int]) -> None:
+    def run(indexes: list[int]) -> list[list[int]]:
+        """Send one run of the batch; the runs still to send after it, in order."""
         answer = post(indexes)
         status = answer.status
         if answer.ok:
             out.delivered.extend(indexes)
-            return
+            return []
         if is_retryable_status(status):
             out.retry = True
             out.retry_after = parse_retry_after(_header(answer, "Retry-After"), now)
@@ -109,22 +110,23 @@ def settle(
                 out.rejected.extend(bad)
                 out.reject_reasons.extend(str(v) for v in verdicts if v != "OK")
                 out.error = f"HTTP 400: {len(bad)} invalid events rejected"
-                if good:
-                    run(good)
-                return
+                return [good] if good else []
         if status in (400, 413) and len(indexes) > 1:
             out.error = f"HTTP {status}: batch of {len(indexes)} split in halves"
             half = len(indexes) // 2
-            run(indexes[:half])
-            run(indexes[half:])
-            return
+            return [indexes[:half], indexes[half:]]
         out.rejected.extend(indexes)
         out.error = f"HTTP {status}: {answer.text(200)}"
         out.reject_reasons.append(out.error)
         log.warning("samsara_mp: API refused %d events with %s", len(indexes), out.error)
+        return []
 
+    # Iterative, depth first: an API that marks one event bad per answer takes
+    # as many rounds as events, which recursion would not survive.
+    todo = [list(range(len(payloads)))]
     try:
-        run(list(range(len(payloads))))
+        while todo:
+            todo.extend(reversed(run(todo.pop())))
     except _Stop:
         pass
     out.pending = len(payloads) - len(out.delivered) - len(out.rejected)

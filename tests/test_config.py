@@ -114,3 +114,16 @@ def test_errors_survive_pickling_across_processes() -> None:
     assert (e.field, e.reason) == ("sourceId", "missing")
     c = pickle.loads(pickle.dumps(InvalidConfiguration("url", "missing")))
     assert (c.key, c.reason) == ("url", "missing")
+
+
+@pytest.mark.parametrize(
+    "key", ["publish_interval", "send_timeout", "ship_delay", "ipc_timeout", "shutdown_timeout",
+            "exit_timeout", "idle_timeout", "backoff_base", "backoff_cap", "stats_interval"],
+)
+def test_a_millisecond_setting_past_30_days_is_refused_naming_the_key(key: str) -> None:
+    with pytest.raises(InvalidConfiguration) as info:
+        Config.build(env={}, url="http://127.0.0.1/", **{key: 10**13})
+    assert info.value.key == key
+    with pytest.raises(InvalidConfiguration) as info:
+        Config.build(env={"SAMSARA_MP_" + key.upper(): str(10**13)}, url="http://127.0.0.1/")
+    assert info.value.key == key
