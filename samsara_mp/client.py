@@ -21,7 +21,7 @@ from typing import Any
 
 from . import process
 from .channel import Channel
-from .config import Config
+from .config import Config, export_to_env
 from .errors import ChannelError, PublishError
 from .event import EventEncoder
 from .ipc import IPCError
@@ -248,11 +248,15 @@ def get_client(**config: Any) -> SamsaraClient:
     """This process's shared client, created on first use from ``config`` and the environment.
 
     Integrations and application code call it alike, so one process has one
-    staging area and one shipper however many modules record events.
+    staging area and one shipper however many modules record events. The keys
+    given here are exported as ``SAMSARA_MP_*`` variables of this process, so
+    that a child started by any method (fork, spawn, forkserver, a subprocess)
+    gets the same configuration from its own ``get_client()``.
     """
     global _default_client
     with _default_lock:
         client = _default_client
         if client is None or client.closed:
             client = _default_client = SamsaraClient(**config)
+            export_to_env({k: v for k, v in config.items() if v is not None})
         return client

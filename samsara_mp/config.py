@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from .errors import InvalidConfiguration
 
-__all__ = ["Config", "ENV_PREFIX", "redact_url"]
+__all__ = ["Config", "ENV_PREFIX", "redact_url", "export_to_env"]
 
 ENV_PREFIX = "SAMSARA_MP_"
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -217,6 +217,23 @@ class Config:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InvalidConfiguration(name, "must be a non-empty path string or None")
+
+
+def export_to_env(values: Mapping[str, Any]) -> None:
+    """Set ``SAMSARA_MP_<KEY>`` in this process's environment for each key (None
+    removes it), so child processes build the same configuration from it.
+
+    The environment is readable only by the process's own user
+    (``/proc/<pid>/environ`` is 0400), so a URL's credentials stay private there.
+    """
+    for key, value in values.items():
+        name = ENV_PREFIX + _env_suffix(key)
+        if value is None:
+            os.environ.pop(name, None)
+        elif isinstance(value, bool):
+            os.environ[name] = "true" if value else "false"
+        else:
+            os.environ[name] = str(value)
 
 
 def redact_url(url: str) -> str:

@@ -46,6 +46,18 @@ def settled_stats(pub: Any, recorded: int) -> dict[str, Any]:
     return seen
 
 
+@pytest.fixture(autouse=True)
+def _restore_samsara_env() -> Iterator[None]:
+    """get_client() and the gunicorn integration export SAMSARA_MP_* variables: undo them."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("SAMSARA_MP_")}
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k.startswith("SAMSARA_MP_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def server() -> Iterator[IngestServer]:
     srv = IngestServer(store="memory")

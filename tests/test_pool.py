@@ -191,3 +191,37 @@ def test_the_pool_example_delivers_every_event(server: IngestServer, runtime_dir
     events = server.events()
     assert sorted(e["item"] for e in events) == list(range(500))
     assert {(e["eventName"], e["sourceId"]) for e in events} == {("item.scored", "pool-example")}
+
+
+_DEFAULT_CONTEXT_POOL = """
+import multiprocessing, sys
+from samsara_mp import get_client
+
+def work(n):
+    get_client().record_event(eventName="fs.task", n=n)  # no config here: the parent's
+    return n
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("forkserver")  # Python 3.14's default on Linux
+    client = get_client(url=sys.argv[1], runtime_dir=sys.argv[2], channel="fs", sourceId="fs",
+                        publish_interval=50, min_buffer_size=1, send_client_stats=False)
+    with multiprocessing.Pool(2) as pool:
+        pool.map(work, range(200), chunksize=10)
+        pool.close()
+        pool.join()  # workers leave through their finalizers, which ship
+    sys.exit(0 if client.flush(timeout=30) else 1)
+"""
+
+
+def test_a_default_context_forkserver_pool_gets_the_parents_get_client_config(
+    server: IngestServer, runtime_dir: str, tmp_path: Any
+) -> None:
+    script = tmp_path / "fs_pool.py"
+    script.write_text(_DEFAULT_CONTEXT_POOL)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAMSARA_MP_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, str(script), server.url, runtime_dir],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert server.wait_for_events(200, 30), server.event_count()
+    assert _numbers(server, "fs.task") == Counter(range(200))

@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import process
 from ..client import reset_after_fork, ship_all
-from ..config import ENV_PREFIX, Config, _env_suffix
+from ..config import ENV_PREFIX, Config, export_to_env
 from ..errors import ChannelError, ChannelTaken, InvalidConfiguration
 from ..ipc import IPCError
 from ..publisher import Publisher
@@ -73,14 +73,7 @@ def configure(**config: Any) -> None:
             raise InvalidConfiguration(key, "unknown configuration key")
     given = {k: v for k, v in config.items() if v is not None}
     Config.build(**({"url": os.environ.get(ENV_PREFIX + "URL", _PLACEHOLDER_URL)} | given))
-    for key, value in config.items():
-        name = ENV_PREFIX + _env_suffix(key)
-        if value is None:
-            os.environ.pop(name, None)
-        elif isinstance(value, bool):
-            os.environ[name] = "true" if value else "false"
-        else:
-            os.environ[name] = str(value)
+    export_to_env(config)
     _exit_timeout = None
 
 
