@@ -262,7 +262,8 @@ def test_on_success_and_on_failure_hooks_run_in_the_publisher(
         with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
             _record(client, 20)
             assert client.flush(timeout=30)
-    lines = open(log).read().splitlines()
+    with open(log) as f:  # closed: the suite runs clean under -W error::ResourceWarning
+        lines = f.read().splitlines()
     assert lines == ["failure 20 HTTP 503", "success 20 202"]
 
 
