@@ -313,3 +313,36 @@ def test_staging_is_bounded_in_bytes_and_counts_what_it_drops(runtime_dir: str) 
         assert local["dropped_staging"] > 0
     finally:
         client.close(timeout=0.1)
+
+
+_POOL_PUBLISHER_FORK = """
+import multiprocessing, sys, warnings
+warnings.simplefilter("error", DeprecationWarning)  # 3.12+: fork() in a multi-threaded process
+from samsara_mp import get_client
+from samsara_mp.integrations.multiprocessing import PoolPublisher
+
+def work(n):
+    get_client().record_event(eventName="pp.task", n=n)
+    return n
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("fork")
+    with PoolPublisher(url=sys.argv[1], runtime_dir=sys.argv[2], channel="pp", sourceId="pp",
+                       publish_interval=50, min_buffer_size=1, send_client_stats=False) as pub:
+        with ctx.Pool(2, **pub.pool_kwargs()) as pool:
+            assert pool.map(work, range(50)) == list(range(50))
+"""
+
+
+def test_a_pool_publisher_parent_forks_its_pool_without_a_samsara_thread(
+    server: IngestServer, runtime_dir: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "pp.py"
+    script.write_text(_POOL_PUBLISHER_FORK)
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", str(script), server.url, runtime_dir],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DeprecationWarning" not in proc.stderr, proc.stderr[-3000:]
+    assert server.wait_for_events(50, 30), server.event_count()
