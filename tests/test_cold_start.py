@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_until
+from procs import alive
 from workers import record_many, record_with_inherited
 
 from samsara_mp import Publisher, SamsaraClient
@@ -64,15 +65,7 @@ def _stop_publisher(channel: Channel) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    wait_until(lambda: not _alive(pid), 20, f"publisher {pid} to stop")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    wait_until(lambda: not alive(pid), 20, f"publisher {pid} to stop")
 
 
 def _assert_all_in_order(events: list[dict[str, Any]], workers: int, count: int) -> None:
