@@ -90,6 +90,15 @@ def first_push(url: str, runs: int) -> list[float]:
     return times
 
 
+def _join(procs: list[Any]) -> None:
+    """Wait for every process (bounded); kill any still running."""
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
 def _close_after(client: SamsaraClient, worker: int, count: int) -> None:
     record_with_inherited(client, worker, count)
     client.close(timeout=60)
@@ -116,11 +125,7 @@ def burst(server: IngestServer, scenario: str) -> tuple[int, int, float]:
         expected = 100_000
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-            p.join(5)
+    _join(procs)
     server.wait_for_events(expected, 60)
     wall = time.perf_counter() - t0
     got = server.event_count()
@@ -147,11 +152,7 @@ def many(server: IngestServer, n: int) -> tuple[float, int, int]:
     time.sleep(0.5)  # let the interpreters come up, so the start is simultaneous
     t0 = time.perf_counter()
     start.set()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-            p.join(5)
+    _join(procs)
     server.wait_for_events(n * 100, 60)
     wall = time.perf_counter() - t0
     pids: set[int] = set()

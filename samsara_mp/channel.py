@@ -34,7 +34,7 @@ from .ipc import IPCError, TimedConnection, connect
 if TYPE_CHECKING:
     import subprocess
 
-__all__ = ["Channel", "Detached", "Flock", "Launch", "ProcHandle", "release_gate", "EXIT_LOST_ELECTION"]
+__all__ = ["Channel", "Detached", "Flock", "Launch", "ProcHandle", "EXIT_LOST_ELECTION"]
 
 log = logging.getLogger("samsara_mp")
 
@@ -336,16 +336,6 @@ class Channel:
             time.sleep(delay)
             delay = min(delay * 2, 0.01)  # a start takes ~100 ms: poll finely
         return None
-
-
-def release_gate(fd: int | None) -> None:
-    """In the publisher: let the spawn gate go (once serving, or when it lost the election)."""
-    if fd is None:
-        return
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 class ProcHandle(Protocol):

@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .buffer import SharedBuffer
-from .channel import EXIT_LOST_ELECTION, Channel, release_gate
+from .channel import EXIT_LOST_ELECTION, Channel, Flock
 from .config import Config, redact_url
 from .errors import ChannelError, ChannelTaken
 from .hooks import OutcomeHooks
@@ -44,7 +44,8 @@ class PublisherProcess:
     def __init__(self, config: Config, owner_pid: int | None = None, gate_fd: int | None = None) -> None:
         self.config = config
         self.owner_pid = owner_pid
-        self.gate_fd = gate_fd  # the spawn gate its launcher held: let go once serving
+        # The spawn gate its launcher held, inherited: let go once serving.
+        self.gate = Flock(gate_fd) if gate_fd is not None else None
         self.channel = Channel(config)
         self.buffer = SharedBuffer(config.max_buffer_size)
         hooks = OutcomeHooks(config.on_success, config.on_failure)
@@ -59,8 +60,8 @@ class PublisherProcess:
         self._restored = 0
 
     def _release_gate(self) -> None:
-        release_gate(self.gate_fd)
-        self.gate_fd = None
+        if self.gate is not None:
+            self.gate.forget()  # closing the last descriptor of the open file frees the flock
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
