@@ -252,12 +252,15 @@ class Channel:
         it in ``Publisher.stop``); it exits at once if another holds the lock."""
         import subprocess
 
-        args, fds = self._publisher_args(owner_pid, idle_timeout, gate_fd)
-        with self._log(log_path) as err:
-            return subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                close_fds=True, pass_fds=fds, start_new_session=True, env=_child_env(),
-            )
+        args, fds, config_fd = self._publisher_args(owner_pid, idle_timeout, gate_fd)
+        try:
+            with self._log(log_path) as err:
+                return subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    close_fds=True, pass_fds=fds, start_new_session=True, env=_child_env(),
+                )
+        finally:
+            os.close(config_fd)
 
     def spawn_detached(self, gate_fd: int | None = None) -> Detached:
         """Start a publisher that is not this process's child, so nothing here must reap it.
@@ -269,13 +272,16 @@ class Channel:
         """
         import subprocess
 
-        args, fds = self._publisher_args(None, None, gate_fd)
-        with self._log(None) as err:
-            sh = subprocess.Popen(
-                ["/bin/sh", "-c", '"$@" </dev/null >/dev/null & echo $!', "sh", *args],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                close_fds=True, pass_fds=fds, start_new_session=True, env=_child_env(),
-            )
+        args, fds, config_fd = self._publisher_args(None, None, gate_fd)
+        try:
+            with self._log(None) as err:
+                sh = subprocess.Popen(
+                    ["/bin/sh", "-c", '"$@" </dev/null >/dev/null & echo $!', "sh", *args],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                    close_fds=True, pass_fds=fds, start_new_session=True, env=_child_env(),
+                )
+        finally:
+            os.close(config_fd)
         try:
             out, _ = sh.communicate(timeout=10)
         except subprocess.TimeoutExpired:
@@ -291,17 +297,26 @@ class Channel:
 
     def _publisher_args(
         self, owner_pid: int | None, idle_timeout: int | None, gate_fd: int | None
-    ) -> tuple[list[str], tuple[int, ...]]:
+    ) -> tuple[list[str], tuple[int, ...], int]:
+        """The publisher's command line, the descriptors it inherits, and the read end of
+        the pipe that carries its configuration (the caller closes it once started).
+
+        The configuration never goes on the command line: ``/proc/<pid>/cmdline`` is
+        readable by every local user, and the URL's credentials and ``headers`` are
+        secrets. The publisher reads it from the inherited pipe and closes it."""
         self.ensure_dir()
         cfg = self.config.to_dict()
         if idle_timeout is not None:
             cfg["idle_timeout"] = idle_timeout
-        args = [_python_executable(), "-c", _PUBLISHER_MAIN, "--config", json.dumps(cfg)]
+        config_fd = _config_pipe(json.dumps(cfg).encode())
+        args = [_python_executable(), "-c", _PUBLISHER_MAIN, "--config-fd", str(config_fd)]
         if owner_pid is not None:
             args += ["--owner-pid", str(owner_pid)]
+        fds: tuple[int, ...] = (config_fd,)
         if gate_fd is not None:
             args += ["--gate-fd", str(gate_fd)]
-        return args, () if gate_fd is None else (gate_fd,)
+            fds += (gate_fd,)
+        return args, fds, config_fd
 
     def _log(self, log_path: str | None) -> BinaryIO:
         err_path = log_path or str(self.dir / "publisher.log")
@@ -363,6 +378,34 @@ class Detached:
         except PermissionError:
             return None
         return None
+
+
+def _config_pipe(data: bytes) -> int:
+    """A pipe holding ``data`` and then EOF; its read end (a configuration is far
+    smaller than a pipe's 64 KiB, so the write never blocks)."""
+    r, w = os.pipe()
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w, view):]
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return r
+
+
+def read_config_fd(fd: int) -> dict[str, Any]:
+    """Read and close the configuration pipe a publisher inherited."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    data: dict[str, Any] = json.loads(b"".join(chunks))
+    return data
 
 
 def _python_executable() -> str:

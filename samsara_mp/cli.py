@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from . import __version__
-from .config import ENV_PREFIX, Config
+from .config import ENV_PREFIX, Config, redact_url_safe
 from .errors import ChannelError, InvalidConfiguration, InvalidEvent, PublishError
 
 __all__ = ["build_parser", "main"]
@@ -88,6 +88,9 @@ def _cmd_publisher(args: argparse.Namespace) -> int:
     for key in ("url", "channel", "runtime_dir", "compression", "spool_dir"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    if args.url and redact_url_safe(args.url) != args.url:
+        _err(f"warning: the credentials in --url are visible to every local user (ps); "
+             f"set {ENV_PREFIX}URL instead")
     try:
         config = Config.build(**settings)
         proc = PublisherProcess(config, owner_pid=None)

@@ -122,8 +122,7 @@ class SamsaraClient:
         payloads = self._encoder.encode_many(events)
         if not payloads:
             return True
-        cfg = self.config
-        transport = Transport(cfg.endpoint, cfg.send_timeout_s, cfg.compression, cfg.compression_level)
+        transport = Transport.from_config(self.config)
         try:
             outcome = settle(transport, payloads)
         finally:

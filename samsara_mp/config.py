@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -69,6 +70,17 @@ class Config:
     stats_interval: int = 60_000
     on_success: str | None = None
     on_failure: str | None = None
+    # Extra HTTP headers for every POST (an Authorization for a proxy in front of the
+    # API): as secret as the URL's credentials, never logged, shown or put on argv.
+    headers: Mapping[str, str] | None = None
+
+    def __repr__(self) -> str:
+        # Never show the URL's credentials or the headers' values, wherever a config is printed.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["url"] = redact_url(self.url)
+        if self.headers:
+            shown["headers"] = {name: "***" for name in self.headers}
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @classmethod
     def build(
@@ -190,6 +202,7 @@ class Config:
             )
         if self.backoff_cap < self.backoff_base:
             raise InvalidConfiguration("backoff_cap", "must be at least backoff_base")
+        _check_headers(self.headers)
         if self.compression not in _COMPRESSIONS:
             raise InvalidConfiguration(
                 "compression", f"{self.compression!r} is not one of {_COMPRESSIONS}"
@@ -232,6 +245,8 @@ def export_to_env(values: Mapping[str, Any]) -> None:
             os.environ.pop(name, None)
         elif isinstance(value, bool):
             os.environ[name] = "true" if value else "false"
+        elif isinstance(value, Mapping):
+            os.environ[name] = json.dumps(dict(value))
         else:
             os.environ[name] = str(value)
 
@@ -254,9 +269,46 @@ def _env_suffix(name: str) -> str:
 def _check_url(url: object) -> None:
     if not isinstance(url, str) or not url:
         raise InvalidConfiguration("url", "must be a non-empty string")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InvalidConfiguration("url", f"{url!r} is not an http(s) URL with a host")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not an http(s) URL with a host")
+
+
+def redact_url_safe(url: str) -> str:
+    """:func:`redact_url` for a string that may not even parse as a URL."""
+    try:
+        return redact_url(url)
+    except ValueError:
+        return "(unparseable URL)" if "@" in url else url
+
+
+# Headers samsara_mp sets itself; a configured one of these would break the protocol.
+_RESERVED_HEADERS = frozenset(
+    {"content-type", "content-encoding", "content-length", "accept", "host",
+     "transfer-encoding", "x-samsara-publishedtimestamp"}
+)
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _check_headers(headers: object) -> None:
+    if headers is None:
+        return
+    if not isinstance(headers, Mapping):
+        raise InvalidConfiguration("headers", f"must be a mapping of header names to strings, not {type(headers).__name__}")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _TOKEN_RE.match(name):
+            raise InvalidConfiguration("headers", f"{name!r} is not a valid HTTP header name")
+        if name.lower() in _RESERVED_HEADERS:
+            raise InvalidConfiguration("headers", f"{name!r} is set by samsara_mp itself")
+        # The value is secret: say what is wrong with it, never what it is.
+        if not isinstance(value, str):
+            raise InvalidConfiguration("headers", f"the value of {name!r} must be a string, not {type(value).__name__}")
+        if any(c in value for c in "\r\n\0"):
+            raise InvalidConfiguration("headers", f"the value of {name!r} holds a line break or NUL")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -282,7 +334,19 @@ def _parse_int(name: str, raw: str) -> int:
         raise InvalidConfiguration(name, f"environment value {raw!r} is not an integer") from None
 
 
+def _parse_headers(name: str, raw: str) -> dict[str, str]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise InvalidConfiguration(name, "environment value is not a JSON object") from None
+    if not isinstance(value, dict):
+        raise InvalidConfiguration(name, "environment value is not a JSON object")
+    return value
+
+
 def _from_env(name: str, raw: str, type_name: object) -> Any:
+    if name == "headers":
+        return _parse_headers(name, raw)
     parsers: dict[str, Callable[[str, str], Any]] = {"bool": _parse_bool, "int": _parse_int}
     parser = parsers.get(str(type_name))
     if parser is not None:

@@ -89,8 +89,7 @@ class PublishLoop:
         handshakes (which it slowed past a 0.1 s ship deadline under uWSGI)."""
         if self._transport is None:
             cfg = self.config
-            self._transport = Transport(cfg.endpoint, cfg.send_timeout_s, cfg.compression,
-                                        cfg.compression_level)
+            self._transport = Transport.from_config(cfg)
         return self._transport
 
     # ---- control ----

@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .buffer import SharedBuffer
-from .channel import EXIT_LOST_ELECTION, Channel, Flock
+from .channel import EXIT_LOST_ELECTION, Channel, Flock, read_config_fd
 from .config import Config, redact_url
 from .errors import ChannelError, ChannelTaken
 from .hooks import OutcomeHooks
@@ -298,7 +298,8 @@ class Publisher:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m samsara_mp.publisher")
-    parser.add_argument("--config", required=True, help="the Config as JSON")
+    parser.add_argument("--config-fd", type=int, required=True,
+                        help="an inherited pipe holding the Config as JSON (never argv: it holds secrets)")
     parser.add_argument("--owner-pid", type=int, default=None)
     parser.add_argument("--gate-fd", type=int, default=None, help="the spawn gate to let go once serving")
     args = parser.parse_args(argv)
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr,
         format="%(asctime)s samsara_mp publisher[%(process)d] %(levelname)s %(message)s",
     )
-    config = Config.build(env={}, **json.loads(args.config))
+    config = Config.build(env={}, **read_config_fd(args.config_fd))
     proc = PublisherProcess(config, owner_pid=args.owner_pid, gate_fd=args.gate_fd)
     signal.signal(signal.SIGTERM, proc.request_stop)
     signal.signal(signal.SIGINT, proc.request_stop)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,8 @@ from .helpers import current_time_millis
 
 if TYPE_CHECKING:
     import requests
+
+    from .config import Config
 
 __all__ = ["Transport", "Body", "HTTPAnswer", "TransportError", "PUBLISHED_TIMESTAMP_HEADER"]
 
@@ -88,6 +90,7 @@ class Transport:
         compression: str = "gzip",
         compression_level: int = 1,
         session: requests.Session | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.timeout = (timeout_s, timeout_s)
@@ -101,7 +104,14 @@ class Transport:
             "Content-Type": "application/json",
             "Accept": "application/json",
             "Content-Encoding": "gzip" if self.gzip else "identity",
+            **(headers or {}),
         }
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Transport:
+        """The transport a configuration describes (endpoint, timeout, compression, headers)."""
+        return cls(cfg.endpoint, cfg.send_timeout_s, cfg.compression, cfg.compression_level,
+                   headers=cfg.headers)
 
     def encode(self, payloads: Sequence[bytes]) -> Body:
         """Join a batch into one JSON array and compress it as configured."""
