@@ -185,9 +185,19 @@ def format_stats(stats: dict[str, Any]) -> str:
         ("retries", f"{stats.get('retries', 0):,}"),
         ("last_error", f"{error} at {_when(stats.get('last_error_at'))}" if error else "none"),
         ("last_success_at", _when(stats.get("last_success_at"))),
+        ("loop", "alive" if stats.get("loop_alive", True) else "DEAD"),
+        ("loop_errors", f"{stats.get('loop_errors', 0):,}"),
+        ("oldest_buffered", _duration(float(stats.get("oldest_buffered_age_s", 0.0)))
+         + ("  STALE: no delivery for longer than a few intervals" if stats.get("stale") else "")),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def healthy(stats: dict[str, Any]) -> bool:
+    """A publisher whose loop runs and whose events do not wait past a few intervals;
+    ``status`` exits 1 otherwise, so a health check can act on it."""
+    return bool(stats.get("loop_alive", False)) and not stats.get("stale", False)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -223,7 +233,7 @@ def _status(args: argparse.Namespace) -> int:
             text = json.dumps(stats, sort_keys=True) if args.json else format_stats(stats)
             if args.watch is None:
                 print(text)
-                return EXIT_OK
+                return EXIT_OK if healthy(stats) else EXIT_FAILURE
             if redraw:
                 print("\033[H\033[J" + time.strftime("%H:%M:%S\n") + text, flush=True)
             else:
@@ -337,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status",
         help="show a running publisher's counters",
-        description="Ask the channel's publisher for its stats. Exits 3 when none answers.",
+        description="Ask the channel's publisher for its stats. Exits 3 when none answers, "
+        "1 when its publish loop is dead or events have waited past a few intervals "
+        "with no delivery (stale).",
     )
     p.add_argument("--url", default=None, help="the app's base URL (selects its default channel)")
     _add_channel_options(p)

@@ -26,6 +26,7 @@ from .buffer import Batch, SharedBuffer
 from .config import Config
 from .delivery import Outcome, settle
 from .retry import RetryPolicy
+from .supervise import Supervisor
 from .transport import Body, Transport
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class PublishLoop:
         self.buffer = buffer
         self.config = config
         self._transport = transport
+        self._owns_transport = transport is None  # made here, so remade after an error
         self.policy = policy or RetryPolicy(
             base=config.backoff_base / 1000.0, cap=config.backoff_cap / 1000.0
         )
@@ -58,6 +60,8 @@ class PublishLoop:
         self._prepare: ThreadPoolExecutor | None = None
         self._next: Future[tuple[Batch, Body]] | None = None
         self._stop = threading.Event()
+        # An unexpected error in the loop is logged, counted, and the loop goes on.
+        self.supervisor = Supervisor(self._stop, config.backoff_base / 1000.0, config.backoff_cap / 1000.0)
         self._draining = False
         self._drain_deadline = 0.0
         self._flush_target = -1
@@ -133,18 +137,36 @@ class PublishLoop:
             self._thread.join(self.config.send_timeout_s + 1.0)
 
     # ---- the loop ----
+    @property
+    def alive(self) -> bool:
+        """True while the loop's thread runs and its supervisor has not given up on it."""
+        return self._thread is not None and self._thread.is_alive() and self.supervisor.failed is None
+
+    @property
+    def failed(self) -> bool:
+        return self.supervisor.failed is not None
+
     def _run(self) -> None:
         try:
-            while self._wait_for_work():
-                self._publish_one()
-        except Exception:  # noqa: BLE001 - the loop must say why it died
-            log.exception("samsara_mp: publish loop crashed")
-            raise
+            self.supervisor.run("publish loop", self._loop, on_error=self._reset_after_error)
         finally:
             if self._prepare is not None:
                 self._prepare.shutdown(wait=False, cancel_futures=True)
             if self._transport is not None:
                 self._transport.close()
+
+    def _loop(self) -> None:
+        while self._wait_for_work():
+            self._publish_one()
+
+    def _reset_after_error(self) -> None:
+        """After an unexpected error: nothing half-done is reused. The batch in flight was
+        only peeked, so its events are still buffered and are sent again."""
+        self._next = None
+        self._behind = False
+        if self._owns_transport and self._transport is not None:
+            transport, self._transport = self._transport, None
+            transport.close()
 
     def _ready(self) -> bool:
         """Called under the buffer's lock: is there a reason to publish right now?"""

@@ -29,6 +29,7 @@ from .ipc import IPCError, Server
 from .publish_loop import PublishLoop
 from .spool import Spool
 from .stats import ClientStatsReporter
+from .supervise import Supervisor
 
 if TYPE_CHECKING:
     import subprocess
@@ -54,6 +55,7 @@ class PublisherProcess:
         self._stats_events = 0
         self.spool = Spool(config.spool_dir or str(self.channel.dir / "spool"))
         self._stop = threading.Event()
+        self.supervisor = Supervisor(self._stop, config.backoff_base / 1000.0, config.backoff_cap / 1000.0)
         self._accepting = True
         self._started = time.time()
         self._server: Server | None = None
@@ -94,7 +96,7 @@ class PublisherProcess:
         self._restore_spool()
         server = Server(self.channel.socket_path, key, self._handle)
         self._server = server
-        threading.Thread(target=server.serve_forever, name="samsara-mp-accept", daemon=True).start()
+        self._accept = self.supervisor.thread("samsara-mp-accept", server.serve_forever)
         self.loop.start()
         self.channel.write_info(
             {"pid": os.getpid(), "started_at": self._started, "channel": self.channel.name,
@@ -110,8 +112,13 @@ class PublisherProcess:
             if (self.reporter is not None and time.monotonic() >= next_report
                     and (server.clients or len(self.buffer))):
                 next_report = time.monotonic() + self.config.stats_interval / 1000.0
-                self.buffer.push([self.reporter.event(self.stats())])
-                self._stats_events += 1
+                self.supervisor.guard("stats reporter", self._report)
+            if self.loop.failed or self.supervisor.failed:
+                # A thread that cannot go on: hand the channel over to a fresh publisher.
+                log.error("samsara_mp: %s cannot go on; this publisher exits so that another "
+                          "is elected", self.supervisor.failed or "the publish loop")
+                self._shutdown()
+                return 1
             if self.owner_pid is not None and not _alive(self.owner_pid):
                 log.info("samsara_mp: owner %d ended; draining", self.owner_pid)
                 break
@@ -122,6 +129,11 @@ class PublisherProcess:
                 break
         self._shutdown()
         return 0
+
+    def _report(self) -> None:
+        if self.reporter is not None:
+            self.buffer.push([self.reporter.event(self.stats())])
+            self._stats_events += 1
 
     def _shutdown(self) -> None:
         self._accepting = False
@@ -187,10 +199,23 @@ class PublisherProcess:
             publisher_pid=os.getpid(),
             uptime_s=time.time() - self._started,
             connected_clients=self._server.clients if self._server else 0,
+            loop_alive=self.loop.alive,
+            loop_errors=self.loop.supervisor.errors + self.supervisor.errors,
+            oldest_buffered_age_s=round(self.buffer.oldest_age(), 3),
+            stale=self._stale(),
             channel=self.channel.name,
             url=redact_url(self.config.url),
         )
         return snap
+
+
+    def _stale(self) -> bool:
+        """Events have waited longer than three publish intervals and a request's timeout
+        without a delivery: the API is failing, or the loop is stuck."""
+        limit = 3 * self.config.publish_interval_s + self.config.send_timeout_s
+        last = self.loop.stats["last_success_at"]
+        return bool(len(self.buffer) and self.buffer.oldest_age() > limit
+                    and (last is None or time.time() - last > limit))
 
 
 def _alive(pid: int) -> bool:
