@@ -7,7 +7,10 @@ one JSON array.
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
+import threading
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +103,10 @@ class Transport:
 
         self.session = session or requests.Session()
         self.session.trust_env = False  # never route loopback or the API through a proxy env
+        for adapter in self.session.adapters.values():
+            poolmanager = getattr(adapter, "poolmanager", None)
+            if poolmanager is not None:
+                poolmanager.pool_classes_by_scheme = _watched_pool_classes()
         self._headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -125,6 +132,9 @@ class Transport:
             body = self.encode(payloads)
         headers = dict(self._headers)
         headers[PUBLISHED_TIMESTAMP_HEADER] = str(current_time_millis())
+        # requests bounds each socket operation, not the request: an API trickling its
+        # answer a byte at a time would hold the POST for ever. The deadline cuts it.
+        deadline = _Deadline(self.timeout[1])
         try:
             # Never follow a redirect: requests would turn the POST into a GET,
             # and its 200 would count events as delivered that the API never took.
@@ -132,11 +142,84 @@ class Transport:
                                      allow_redirects=False)
             content = resp.content
         except _request_exception() as exc:
+            if deadline.cut:
+                raise TransportError(
+                    f"no complete answer within send_timeout ({self.timeout[1]:g}s)", body.raw_bytes, exc
+                ) from exc
             raise TransportError(f"{type(exc).__name__}: {exc}", body.raw_bytes, exc) from exc
+        finally:
+            deadline.cancel()
+        if deadline.cut:  # cut just as the answer completed: the connection is closed, the answer whole
+            log.debug("samsara_mp: a POST's deadline passed as its answer arrived")
         return HTTPAnswer(resp.status_code, dict(resp.headers), content, body.raw_bytes, len(body.data))
 
     def close(self) -> None:
         self.session.close()
+
+
+# The urllib3 connection each thread's POST is using, so that its deadline can cut it.
+_in_use: dict[int, Any] = {}
+_in_use_lock = threading.Lock()
+
+
+class _Deadline:
+    """Shuts the calling thread's HTTP connection down when ``seconds`` pass, which
+    makes the blocked read fail at once (a connect is bounded by its own timeout)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.ident = threading.get_ident()
+        self.cut = False
+        self._done = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.name = "samsara-mp-deadline"
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with _in_use_lock:
+            if self._done:
+                return
+            self.cut = True
+            conn = _in_use.get(self.ident)
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        with _in_use_lock:
+            self._done = True
+            _in_use.pop(self.ident, None)
+        self._timer.cancel()
+
+
+@functools.cache
+def _watched_pool_classes() -> dict[str, type]:
+    """urllib3 pools whose connections note, per thread, which one a request uses."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class WatchedHTTPConnection(HTTPConnection):
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            with _in_use_lock:
+                _in_use[threading.get_ident()] = self
+            super().request(*args, **kwargs)
+
+    class WatchedHTTPSConnection(HTTPSConnection):
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            with _in_use_lock:
+                _in_use[threading.get_ident()] = self
+            super().request(*args, **kwargs)
+
+    class WatchedHTTPConnectionPool(HTTPConnectionPool):
+        ConnectionCls = WatchedHTTPConnection
+
+    class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+        ConnectionCls = WatchedHTTPSConnection
+
+    return {"http": WatchedHTTPConnectionPool, "https": WatchedHTTPSConnectionPool}
 
 
 def _request_exception() -> type[Exception]:

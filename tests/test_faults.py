@@ -62,6 +62,23 @@ def test_publisher_survives_api_fault_and_loses_nothing(
     assert stats["last_error"], "the fault should have been recorded as the last error"
 
 
+def test_send_timeout_bounds_a_whole_post_even_when_the_api_trickles_its_answer(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # One byte every 0.5 s: about 70 s for the whole answer, each read well inside
+    # a 1 s socket timeout. Only a bound on the whole request stops it.
+    config = dict(fast_config, send_timeout=1_000)
+    server.inject(mode="trickle", count=1, trickle_interval=0.5)
+    with Publisher(**config) as pub:
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
+            _record(client, 100)
+            assert client.flush(timeout=15), pub.stats()
+        stats = pub.stats()
+    assert _seqs(server) == list(range(100))
+    assert stats["retries"] == 1 and _balanced(stats)
+    assert "send_timeout" in stats["last_error"]
+
+
 def test_success_with_an_unexpected_body_counts_as_delivered_and_is_not_resent(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-FAULT_MODES: Final = ("hang", "reset")
+FAULT_MODES: Final = ("hang", "reset", "trickle")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class FaultRule:
 
     ``status=None`` answers normally (after ``latency``); ``mode="hang"``
     never answers until the server stops or ``hang_seconds`` pass, then closes
-    the connection; ``mode="reset"`` closes it at once with a TCP reset.
+    the connection; ``mode="reset"`` closes it at once with a TCP reset;
+    ``mode="trickle"`` sends its answer (``status``, 503 by default) one byte
+    every ``trickle_interval`` seconds (0.5 by default), as a failing proxy can.
     """
 
     status: int | None = 503
@@ -33,6 +35,7 @@ class FaultRule:
     mode: str | None = None
     hang_seconds: float | None = None
     location: str | None = None  # a Location header, for redirects (3xx)
+    trickle_interval: float | None = None
 
     def __post_init__(self) -> None:
         if self.status is not None and (
@@ -49,7 +52,7 @@ class FaultRule:
             raise ValueError("location: must be a string (sent verbatim)")
         if self.body is not None and not isinstance(self.body, str):
             raise ValueError("body: must be a string")
-        for key in ("latency", "hang_seconds"):
+        for key in ("latency", "hang_seconds", "trickle_interval"):
             value = getattr(self, key)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0

@@ -256,6 +256,22 @@ class _ApiHandler(_HandlerBase):
             stopping.wait(rule.hang_seconds)
             self.close_connection = True
             return True
+        if rule.mode == "trickle":
+            payload = json.dumps({"status": "ERROR", "message": "Injected fault"}).encode()
+            status = rule.status or 503
+            answer = (f"HTTP/1.1 {status} Trickled\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
+            interval = 0.5 if rule.trickle_interval is None else rule.trickle_interval
+            try:
+                for i in range(len(answer)):
+                    self.wfile.write(answer[i:i + 1])
+                    self.wfile.flush()
+                    if stopping.wait(interval):
+                        break
+            except OSError:
+                pass  # the client gave up on it
+            self.close_connection = True
+            return True
         if rule.mode == "reset":
             # SO_LINGER 0 makes close() send RST, as a crashed load balancer would.
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

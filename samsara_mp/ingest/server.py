@@ -297,9 +297,11 @@ class IngestServer:
         mode: str | None = None,
         hang_seconds: float | None = None,
         location: str | None = None,
+        trickle_interval: float | None = None,
     ) -> FaultRule:
         """Queue a fault for the next ``count`` event POSTs (FIFO after earlier rules)."""
-        rule = FaultRule(status, count, retry_after, body, latency, mode, hang_seconds, location)
+        rule = FaultRule(status, count, retry_after, body, latency, mode, hang_seconds, location,
+                         trickle_interval)
         self._core.add_faults([rule])
         return rule
 
