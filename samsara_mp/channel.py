@@ -34,7 +34,7 @@ from .ipc import IPCError, TimedConnection, connect
 if TYPE_CHECKING:
     import subprocess
 
-__all__ = ["Channel", "Detached", "Flock", "Launch", "ProcHandle", "EXIT_LOST_ELECTION"]
+__all__ = ["Channel", "Detached", "Flock", "Launch", "ProcHandle", "EXIT_LOST_ELECTION", "ensure_private_dir"]
 
 log = logging.getLogger("samsara_mp")
 
@@ -102,12 +102,39 @@ def _base_dir(configured: str | None) -> Path:
     return Path(tempfile.gettempdir()) / f"samsara_mp-{os.geteuid()}"
 
 
-def _ensure_private_dir(path: Path) -> None:
-    """Create ``path`` 0700 if absent; refuse it unless it is ours and private."""
+def ensure_private_dir(path: Path, what: str = "runtime directory") -> None:
+    """Create ``path`` 0700 if absent; refuse it (``ChannelError`` naming it) unless it is
+    a real directory (no symlink), ours, and closed to group and others."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
+    except OSError as exc:
+        raise ChannelError(f"cannot create {what} {path}: {exc}") from exc
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise ChannelError(f"{what} {path} is a symlink; refusing it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ChannelError(f"{what} {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise ChannelError(
+            f"{what} {path} is owned by uid {st.st_uid}, not {os.geteuid()}; refusing it"
+        )
+    if st.st_mode & 0o077:
+        raise ChannelError(
+            f"{what} {path} has mode {stat.S_IMODE(st.st_mode):o}; "
+            "it must not be open to group or others (0700)"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ChannelError(f"{what} {path} is not writable")
+
+
+def _check_configured_base(path: Path) -> None:
+    """A configured ``runtime_dir`` holds the private channel directories: it must be a
+    real directory (no symlink) that no one else can rename entries in, that is ours and
+    not writable by group or others, or a sticky one such as /tmp."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ChannelError(f"cannot create runtime directory {path}: {exc}") from exc
     st = os.lstat(path)
@@ -115,14 +142,15 @@ def _ensure_private_dir(path: Path) -> None:
         raise ChannelError(f"runtime directory {path} is a symlink; refusing it")
     if not stat.S_ISDIR(st.st_mode):
         raise ChannelError(f"runtime directory {path} is not a directory")
-    if st.st_uid != os.geteuid():
+    sticky = bool(st.st_mode & stat.S_ISVTX)
+    if not sticky and st.st_uid != os.geteuid():
         raise ChannelError(
             f"runtime directory {path} is owned by uid {st.st_uid}, not {os.geteuid()}; refusing it"
         )
-    if st.st_mode & 0o077:
+    if not sticky and st.st_mode & 0o022:
         raise ChannelError(
             f"runtime directory {path} has mode {stat.S_IMODE(st.st_mode):o}; "
-            "it must not be open to group or others (0700)"
+            "it must not be writable by group or others"
         )
 
 
@@ -147,10 +175,10 @@ class Channel:
         """Create and check the runtime directory and its parent."""
         base = self.dir.parent
         if self.config.runtime_dir is None:
-            _ensure_private_dir(base)
+            ensure_private_dir(base)
         else:
-            base.mkdir(parents=True, exist_ok=True)
-        _ensure_private_dir(self.dir)
+            _check_configured_base(base)
+        ensure_private_dir(self.dir)
 
     # ---- authkey ----
     def read_authkey(self) -> bytes | None:
@@ -177,13 +205,20 @@ class Channel:
             return key
         key = os.urandom(_AUTHKEY_BYTES)
         tmp = self.dir / f".authkey.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.authkey_path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, key)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.authkey_path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise ChannelError(f"cannot write authkey {self.authkey_path}: {exc}") from exc
         return key
 
     # ---- election ----
@@ -320,9 +355,30 @@ class Channel:
 
     def _log(self, log_path: str | None) -> BinaryIO:
         err_path = log_path or str(self.dir / "publisher.log")
-        err = open(err_path, "ab")  # the caller closes it (with)
-        os.chmod(err_path, 0o600)
+        try:
+            err = open(err_path, "ab")  # the caller closes it (with)
+            os.chmod(err_path, 0o600)
+        except OSError as exc:
+            raise ChannelError(f"cannot open the publisher's log {err_path}: {exc}") from exc
         return err
+
+    def last_failure(self) -> str | None:
+        """The last error a publisher of this channel logged (``publisher.log``), if any:
+        why a start failed, for the exception and the stats of whoever waited on it."""
+        try:
+            with open(self.dir / "publisher.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(size - 16384, 0))
+                tail = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(tail):
+            if " ERROR " in line:
+                return line.split(" ERROR ", 1)[1].strip()[:500]
+            if " INFO " in line and "serving channel" in line:
+                return None  # the last start succeeded
+        return None
 
     def wait_connectable(self, timeout: float, proc: ProcHandle | None = None) -> bool:
         """Poll (bounded) until a publisher answers; False on deadline or early exit."""

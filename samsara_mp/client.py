@@ -196,7 +196,8 @@ class SamsaraClient:
         try:
             chan = dict(shipper.call("stats", timeout=self.config.ipc_timeout_s))
         except _IPC_ERRORS as exc:
-            result["error"] = str(exc)
+            cause = self.channel.last_failure()
+            result["error"] = str(exc) + (f" (the last publisher logged: {cause})" if cause else "")
             return result
         # Events staged here are recorded but not yet known to the publisher.
         chan["recorded"] += local["unreported_recorded"]

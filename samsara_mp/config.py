@@ -226,6 +226,12 @@ class Config:
                 raise InvalidConfiguration(
                     name, f"{value!r} must be an importable 'package.module:function' path"
                 )
+            if value is not None:
+                # Resolved here, where the mistake is made: a path the publisher cannot
+                # import would otherwise fail every publisher's start.
+                from .hooks import resolve_hook
+
+                resolve_hook(name, value)
         for name in ("runtime_dir", "spool_dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

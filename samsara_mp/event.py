@@ -18,6 +18,9 @@ from .helpers import current_time_millis
 __all__ = ["EventEncoder", "MANDATORY_FIELDS"]
 
 MANDATORY_FIELDS = ("timestamp", "eventName", "sourceId")
+# The last millisecond of the year 9999: well inside the API's 64-bit long, and any
+# later value is a unit mistake (micro- or nanoseconds), not a date.
+MAX_TIMESTAMP = 253_402_300_799_999
 
 # The checking encoder: used to explain a failure, and where the C one is missing.
 _json_encode = json.JSONEncoder(
@@ -44,7 +47,39 @@ def _make_fast_json() -> Callable[[Any], bytes]:
     return lambda event: "".join(c_encode(event, 0)).encode("utf-8")
 
 
-_stdlib_encode = _make_fast_json()
+_stdlib_fast = _make_fast_json()
+_CONTAINERS = (dict, list, tuple)
+
+
+class DuplicateKey(ValueError):
+    """Two keys of one nested mapping become the same JSON property name."""
+
+
+def _check_keys(value: Any) -> None:
+    """Refuse a nested mapping whose keys collide once JSON makes them strings
+    (``{1: "a", "1": "b"}``): the API would see a duplicate property name."""
+    if isinstance(value, dict):
+        if not all(type(k) is str for k in value):
+            seen: set[str] = set()
+            for k in value:
+                name = k if isinstance(k, str) else _json_encode({k: 0})[2:-4]
+                if name in seen:
+                    raise DuplicateKey(f"keys {k!r} and {name!r} are the same JSON property name")
+                seen.add(name)
+        for v in value.values():
+            if isinstance(v, _CONTAINERS):
+                _check_keys(v)
+    else:
+        for v in value:
+            if isinstance(v, _CONTAINERS):
+                _check_keys(v)
+
+
+def _stdlib_encode(event: dict[str, Any]) -> bytes:
+    for value in event.values():
+        if isinstance(value, _CONTAINERS):
+            _check_keys(value)
+    return _stdlib_fast(event)
 
 try:  # The optional "fast" extra.
     import orjson
@@ -101,7 +136,7 @@ class EventEncoder:
         ts = event.get("timestamp")
         if ts is None:
             event["timestamp"] = self._now()
-        elif type(ts) is not int or ts < 0:
+        elif type(ts) is not int or ts < 0 or ts > MAX_TIMESTAMP:
             _refuse_timestamp(ts)
         name = event.get("eventName")
         if type(name) is not str or not name:
@@ -119,10 +154,7 @@ class EventEncoder:
         except _ENCODE_ERRORS as exc:
             raise _explain(event, exc) from None
         if len(data) > self._max_bytes:
-            raise InvalidEvent(
-                "event",
-                f"encoded size {len(data)} bytes exceeds max_event_bytes {self._max_bytes}",
-            )
+            raise InvalidEvent("event", _oversize(event, len(data), self._max_bytes))
         return data
 
     def encode(self, event: Mapping[str, Any]) -> bytes:
@@ -133,6 +165,10 @@ class EventEncoder:
 
     def encode_many(self, events: Iterable[Mapping[str, Any]]) -> list[bytes]:
         """Encode a batch; the first invalid event raises, naming its index."""
+        if events is None or isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
+            raise InvalidEvent(
+                "events", f"must be an iterable of event mappings, not {type(events).__name__}"
+            )
         out = []
         for index, event in enumerate(events):
             try:
@@ -147,7 +183,24 @@ def _refuse_timestamp(ts: object) -> None:
         raise InvalidEvent(
             "timestamp", f"must be an integer of epoch milliseconds, not {type(ts).__name__}"
         )
+    if ts > MAX_TIMESTAMP:
+        shown = str(ts) if ts < 10**30 else f"a {len(str(ts))}-digit number"
+        raise InvalidEvent("timestamp", f"{shown} is after the year 9999 (max {MAX_TIMESTAMP} ms)")
     raise InvalidEvent("timestamp", f"must be >= 0, not {ts}")
+
+
+def _oversize(event: Mapping[str, Any], size: int, limit: int) -> str:
+    """Say how big the event is, and which field makes most of it."""
+    largest, largest_size = None, 0
+    for key, value in event.items():
+        try:
+            n = len(encode_json({key: value}))
+        except _ENCODE_ERRORS:
+            continue
+        if n > largest_size:
+            largest, largest_size = key, n
+    hint = f"; largest field {largest!r}: {largest_size} bytes" if largest is not None else ""
+    return f"whole event: {size} bytes > max_event_bytes {limit}{hint}"
 
 
 def _refuse_string(field: str, value: object, event: Mapping[str, Any]) -> None:
@@ -164,6 +217,12 @@ def _explain(event: Mapping[str, Any], exc: BaseException) -> InvalidEvent:
         if not isinstance(key, str):
             return InvalidEvent(repr(key)[:80], "property names must be strings")
         try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            return InvalidEvent(ascii(key)[:80], "property name is not valid Unicode (lone surrogate)")
+        try:
+            if isinstance(value, _CONTAINERS):
+                _check_keys(value)
             _json_encode(value).encode("utf-8")
         except RecursionError:
             return InvalidEvent(key, "nested too deeply to encode as JSON")
@@ -177,6 +236,8 @@ def _reason(value: object, exc: BaseException) -> str:
         return f"{value} is not allowed in JSON"
     if isinstance(exc, UnicodeError):
         return "string is not valid Unicode (lone surrogate)"
+    if isinstance(exc, DuplicateKey):
+        return str(exc)
     if isinstance(exc, ValueError) and "Circular" in str(exc):
         return "contains a circular reference"
     if isinstance(exc, ValueError) and "compliant" in str(exc):

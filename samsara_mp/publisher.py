@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .buffer import SharedBuffer
 from .channel import EXIT_LOST_ELECTION, Channel, Flock, read_config_fd
 from .config import Config, redact_url
-from .errors import ChannelError, ChannelTaken
+from .errors import ChannelError, ChannelTaken, InvalidConfiguration
 from .hooks import OutcomeHooks
 from .ipc import IPCError, Server
 from .publish_loop import PublishLoop
@@ -49,8 +49,8 @@ class PublisherProcess:
         self.gate = Flock(gate_fd) if gate_fd is not None else None
         self.channel = Channel(config)
         self.buffer = SharedBuffer(config.max_buffer_size)
-        hooks = OutcomeHooks(config.on_success, config.on_failure)
-        self.loop = PublishLoop(self.buffer, config, on_outcome=hooks)
+        self.hooks = OutcomeHooks(config.on_success, config.on_failure)
+        self.loop = PublishLoop(self.buffer, config, on_outcome=self.hooks)
         self.reporter = ClientStatsReporter(config) if config.send_client_stats else None
         self._stats_events = 0
         self.spool = Spool(config.spool_dir or str(self.channel.dir / "spool"))
@@ -163,6 +163,7 @@ class PublisherProcess:
         return {k: int(snap.get(k, 0)) for k in keys}
 
     def _restore_spool(self) -> None:
+        self.spool.ensure()
         self.spool.clean()
         for payloads in self.spool.take_all():
             # Counted as recorded here: the stopping publisher counted them as spooled.
@@ -200,6 +201,7 @@ class PublisherProcess:
             uptime_s=time.time() - self._started,
             connected_clients=self._server.clients if self._server else 0,
             loop_alive=self.loop.alive,
+            hook_errors=self.hooks.errors,
             loop_errors=self.loop.supervisor.errors + self.supervisor.errors,
             oldest_buffered_age_s=round(self.buffer.oldest_age(), 3),
             stale=self._stale(),
@@ -277,9 +279,10 @@ class Publisher:
             )
         self.stop(timeout=1.0)
         self._proc = None
+        cause = self.channel.last_failure()
         raise ChannelError(
-            f"publisher for channel {self.channel.name} did not start "
-            f"(exit {code}); see {self.channel.dir / 'publisher.log'}"
+            f"publisher for channel {self.channel.name} did not start (exit {code})"
+            + (f": {cause}" if cause else "") + f"; see {self.channel.dir / 'publisher.log'}"
         )
 
     def _serving_pid(self, timeout: float) -> int | None:
@@ -332,14 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr,
         format="%(asctime)s samsara_mp publisher[%(process)d] %(levelname)s %(message)s",
     )
-    config = Config.build(env={}, **read_config_fd(args.config_fd))
-    proc = PublisherProcess(config, owner_pid=args.owner_pid, gate_fd=args.gate_fd)
-    signal.signal(signal.SIGTERM, proc.request_stop)
-    signal.signal(signal.SIGINT, proc.request_stop)
     try:
+        config = Config.build(env={}, **read_config_fd(args.config_fd))
+        proc = PublisherProcess(config, owner_pid=args.owner_pid, gate_fd=args.gate_fd)
+        signal.signal(signal.SIGTERM, proc.request_stop)
+        signal.signal(signal.SIGINT, proc.request_stop)
         return proc.run()
-    except (ChannelError, IPCError, OSError) as exc:
+    except (ChannelError, IPCError, OSError, InvalidConfiguration) as exc:
+        # One ERROR line with the cause: the launcher reads it back (Channel.last_failure).
         log.error("samsara_mp: publisher failed: %s", exc)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - said in the log, for whoever waits on the start
+        log.exception("samsara_mp: publisher failed: %s: %s", type(exc).__name__, exc)
         return 1
 
 

@@ -8,12 +8,15 @@ reported and skipped; the rest of the file is still resent.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from .errors import ChannelError
 
 __all__ = ["Spool"]
 
@@ -27,9 +30,24 @@ class Spool:
         self.dir = Path(directory)
         self.corrupt_lines = 0
 
+    def ensure(self) -> None:
+        """Create the directory 0700 if absent; ``ChannelError`` unless it is ours and
+        private: a directory others can write to would let them plant events that this
+        publisher sends as its own."""
+        from .channel import ensure_private_dir
+
+        try:
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # ensure_private_dir says what is wrong
+        ensure_private_dir(self.dir, "spool directory")
+
     def write(self, payloads: Sequence[bytes]) -> Path:
         """Write one file whole (temp name, fsync, rename) or raise ``OSError`` leaving none."""
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.ensure()
+        except ChannelError as exc:
+            raise OSError(errno.EACCES, str(exc)) from exc
         name = f"spool-{time.time_ns()}-{os.getpid()}.jsonl"
         tmp = self.dir / ("." + name)
         try:
@@ -71,9 +89,15 @@ class Spool:
 
     def take_all(self) -> Iterator[list[bytes]]:
         """Yield each spool file's valid events, oldest file first, removing the file."""
+        uid = os.geteuid()
         for path in self.files():
             try:
-                data = path.read_bytes()
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                with os.fdopen(fd, "rb") as f:
+                    if os.fstat(f.fileno()).st_uid != uid:
+                        log.error("samsara_mp: spool file %s is not ours; not sending it", path)
+                        continue
+                    data = f.read()
             except OSError as exc:
                 log.error("samsara_mp: cannot read spool file %s: %s", path, exc)
                 continue
