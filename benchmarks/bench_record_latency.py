@@ -177,7 +177,7 @@ def main() -> int:
             wall = time.perf_counter() - t
             foreign = fc.stop()
             dropped = local_dropped(c) - d0
-            c._closed = True  # nothing to ship to: skip close()'s bounded retries
+            c.closed = True  # nothing to ship to: skip close()'s bounded retries
             results.append(summarise("no publisher (start_publishing_thread=False)", lat, overhead,
                                      dropped, wall, "inline ship attempts fail fast (ENOENT), backoff <= 2 s",
                                      foreign))

@@ -75,7 +75,7 @@ def w_sized(idx: int, count: int, opts: dict[str, Any], ready: Any, start: Any, 
     t1 = time.time()
     shipped = c.close(60.0)
     out.put({"idx": idx, "t0": t0, "t_rec": t1, "t_done": time.time(),
-             "cpu": C.self_cpu_seconds() - cpu0, "ok": shipped, "dropped": c._staging_dropped})
+             "cpu": C.self_cpu_seconds() - cpu0, "ok": shipped, "dropped": c._staging.dropped})
 
 
 def record_latency(srv: C.IngestProcess, rundir: str, pool: list[str], n: int) -> dict[str, float]:

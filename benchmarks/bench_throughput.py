@@ -79,7 +79,29 @@ def w_samsara_mp(idx: int, count: int, opts: dict[str, Any], ready: Any, start: 
     t1 = time.time()
     shipped = c.close(30.0)
     out.put({"idx": idx, "t0": t0, "t_rec": t1, "t_done": time.time(),
-             "cpu": C.self_cpu_seconds() - cpu0, "ok": shipped, "dropped": c._staging_dropped})
+             "cpu": C.self_cpu_seconds() - cpu0, "ok": shipped, "dropped": c._staging.dropped})
+
+
+def w_samsara_mp_defaults(idx: int, count: int, opts: dict[str, Any], ready: Any, start: Any,
+                          out: Any) -> None:
+    """As a new user writes it: a client at the default configuration, made in the worker
+    (on a cold channel the first one elects the publisher), and a flush at the end."""
+    c = SamsaraClient(url=opts["url"], sourceId=f"w{idx}", channel=opts["channel"],
+                      runtime_dir=opts["rundir"])
+    rec = c.record_event
+    name, payload = C.EVENT_NAME, C.PAYLOAD
+    cpu0 = C.self_cpu_seconds()
+    ready.put(idx)
+    if not start.wait(600):
+        return
+    t0 = time.time()
+    for i in range(count):
+        rec(eventName=name, seq=i, payload=payload)
+    t1 = time.time()
+    shipped = c.flush(60.0)
+    c.close(30.0)
+    out.put({"idx": idx, "t0": t0, "t_rec": t1, "t_done": time.time(),
+             "cpu": C.self_cpu_seconds() - cpu0, "ok": shipped, "dropped": c._staging.dropped})
 
 
 def w_naive(idx: int, count: int, opts: dict[str, Any], ready: Any, start: Any, out: Any) -> None:
@@ -304,6 +326,55 @@ def run_samsara_mp(srv: C.IngestProcess, rundir: str, n: int, per: int, staging:
     return r
 
 
+def run_samsara_mp_defaults(srv: C.IngestProcess, rundir: str, n: int, per: int, mode: str,
+                            deadline_s: float) -> dict[str, Any]:
+    """Default configuration throughout. ``mode="cold"``: no publisher runs when the
+    workers' clients are made (they elect one); ``"owner"``: the parent starts it first."""
+    from samsara_mp.channel import Channel
+    from samsara_mp.config import Config
+
+    channel = f"td{n}-{mode}-{time.monotonic_ns()}"
+    config = Config.build(url=srv.url, channel=channel, runtime_dir=rundir)
+    pub = Publisher(config).start() if mode == "owner" else None
+    if pub is not None and pub.pid is not None:
+        C.track(pub.pid, "publisher")
+    pub_pid: list[int] = [pub.pid] if pub is not None and pub.pid else []
+
+    def pub_cpu() -> float:
+        if not pub_pid:
+            info = Channel(config).read_info()
+            if info is None:
+                return 0.0
+            pub_pid.append(int(info["pid"]))
+            C.track(pub_pid[0], "publisher")
+        return C.proc_cpu_seconds(pub_pid[0])
+
+    try:
+        opts = {"url": srv.url, "channel": channel, "rundir": rundir}
+        srv_cpu0 = C.proc_cpu_seconds(srv.pid)
+        r = run_workers(w_samsara_mp_defaults, n, per, opts, srv, deadline_s, pub_cpu,
+                        lambda: C.proc_cpu_seconds(srv.pid))
+        r["server_cpu_s_per_M"] = (C.proc_cpu_seconds(srv.pid) - srv_cpu0) / r["events"] * 1e6
+        pub_cpu()
+        r["pub_peak_rss_mb"] = C.proc_status_kb(pub_pid[0], "VmHWM") / 1024 if pub_pid else float("nan")
+        with SamsaraClient(srv.url, channel=channel, runtime_dir=rundir, start_publishing_thread=False) as probe:
+            st = probe.stats()["channel"] or {}
+        r["pub_stats"] = {k: st.get(k) for k in ("recorded", "delivered", "dropped_overflow",
+                                                 "dropped_staging", "rejected", "buffered")}
+        r["drops"] = int(st.get("dropped_overflow", 0)) + int(st.get("rejected", 0)) + r["worker_dropped"]
+    finally:
+        if pub is not None:
+            pub.stop()
+        elif pub_pid:
+            C.stop_pid(pub_pid[0])
+        for pid in pub_pid:
+            C.untrack(pid)
+    r["impl"] = f"samsara_mp [{ENCODER[0]}] defaults, " + (
+        "cold channel" if mode == "cold" else "owner-started publisher")
+    r["kind"] = f"mp-defaults-{mode}"
+    return r
+
+
 def run_naive(srv: C.IngestProcess, n: int, per: int, deadline_s: float) -> dict[str, Any]:
     mgr = CTX.Manager()
     mpid = mgr._process.pid  # type: ignore[attr-defined]
@@ -368,10 +439,18 @@ def main() -> int:
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--repeat", type=int, default=None,
                     help="samsara_mp runs per configuration, median reported (3; --quick 1)")
+    ap.add_argument("--defaults", default="",
+                    help="also run samsara_mp at its default configuration: 'cold' (workers elect "
+                    "the publisher), 'owner' (started first by the parent), or 'cold,owner'")
+    ap.add_argument("--only-defaults", action="store_true",
+                    help="skip the tuned samsara_mp rows (baselines still run unless --baselines '')")
     ap.add_argument("--json", default=None)
     ap.add_argument("--encoder", choices=("auto", "json", "orjson"), default="auto",
                     help="samsara_mp's event encoder: the library's choice, or force one")
     args = ap.parse_args()
+    args.defaults = [m for m in args.defaults.split(",") if m]
+    if any(m not in ("cold", "owner") for m in args.defaults):
+        ap.error("--defaults takes cold, owner or cold,owner")
     encoder = C.select_encoder(args.encoder)
     ENCODER[0] = encoder
     print(f"samsara_mp event encoder: {encoder}")
@@ -392,9 +471,19 @@ def main() -> int:
             ceiling = bench_server_ceiling.run(srv, quick=True)
         deadline = max(30.0, total / 20_000)
         repeat = args.repeat or (1 if args.quick else 3)
-        configs = [(n, args.staging or total // n) for n in counts]
-        if not args.quick and args.staging is None and 8 in counts:
+        configs = [] if args.only_defaults else [(n, args.staging or total // n) for n in counts]
+        if not args.quick and not args.only_defaults and args.staging is None and 8 in counts:
             configs.append((8, None))  # as users get it: the default staging_size
+        for mode in args.defaults:
+            for n in counts:
+                runs = [run_samsara_mp_defaults(srv, rundir, n, total // n, mode, deadline)
+                        for _ in range(repeat)]
+                runs.sort(key=lambda r: r["events_per_s"])
+                best = runs[len(runs) // 2]
+                best["range"] = f"{runs[0]['events_per_s']:,.0f}-{runs[-1]['events_per_s']:,.0f}"
+                best["repeats"] = len(runs)
+                best["drops_all_runs"] = sum(r["drops"] for r in runs)
+                rows.append(best)
         for n, staging in configs:
             runs = [run_samsara_mp(srv, rundir, n, total // n, staging, deadline) for _ in range(repeat)]
             runs.sort(key=lambda r: r["events_per_s"])
@@ -444,16 +533,17 @@ def main() -> int:
           r.get("pub_peak_rss_mb", float("nan")), f"{r['foreign_cpu']:.0%}"] for r in rows],
         title="end-to-end throughput (events/s = delivered / (start signal -> server counted all))",
     )
-    mine = {r["workers"]: r for r in rows if r.get("kind") == "mp"}
     ratio_rows = []
-    for impl in sorted({r["impl"] for r in rows if "kind" not in r}):
-        for r in rows:
-            if r["impl"] == impl and r["workers"] in mine:
-                m = mine[r["workers"]]
-                ratio_rows.append([impl, r["workers"], m["events_per_s"] / r["events_per_s"],
-                                   r["worker_cpu_s_per_M"] / m["worker_cpu_s_per_M"]])
+    for kind in sorted({r["kind"] for r in rows if "kind" in r}):
+        mine = {r["workers"]: r for r in rows if r.get("kind") == kind}
+        for impl in sorted({r["impl"] for r in rows if "kind" not in r}):
+            for r in rows:
+                if r["impl"] == impl and r["workers"] in mine:
+                    m = mine[r["workers"]]
+                    ratio_rows.append([m["impl"], impl, r["workers"], m["events_per_s"] / r["events_per_s"],
+                                       r["worker_cpu_s_per_M"] / m["worker_cpu_s_per_M"]])
     if ratio_rows:
-        C.table(["baseline", "workers", "samsara_mp events/s ÷ baseline",
+        C.table(["samsara_mp row", "baseline", "workers", "samsara_mp events/s ÷ baseline",
                  "baseline worker CPU ÷ samsara_mp worker CPU"], ratio_rows,
                 title="ratios samsara_mp / baseline")
     for r in rows:

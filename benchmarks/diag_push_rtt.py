@@ -91,7 +91,7 @@ def main() -> int:
         for i in range(args.calls):
             c.record_event(eventName=C.EVENT_NAME, seq=i, payload=C.PAYLOAD)
         wall = time.perf_counter() - t
-        dropped = c._staging_dropped
+        dropped = c._staging.dropped
         c.close(10.0)
         pub.stop()
         C.untrack(pub.pid)
