@@ -357,7 +357,8 @@ def run_samsara_mp_defaults(srv: C.IngestProcess, rundir: str, n: int, per: int,
         r["server_cpu_s_per_M"] = (C.proc_cpu_seconds(srv.pid) - srv_cpu0) / r["events"] * 1e6
         pub_cpu()
         r["pub_peak_rss_mb"] = C.proc_status_kb(pub_pid[0], "VmHWM") / 1024 if pub_pid else float("nan")
-        with SamsaraClient(srv.url, channel=channel, runtime_dir=rundir, start_publishing_thread=False) as probe:
+        with SamsaraClient(srv.url, channel=channel, runtime_dir=rundir,
+                           start_publishing_thread=False) as probe:
             st = probe.stats()["channel"] or {}
         r["pub_stats"] = {k: st.get(k) for k in ("recorded", "delivered", "dropped_overflow",
                                                  "dropped_staging", "rejected", "buffered")}
@@ -540,7 +541,8 @@ def main() -> int:
             for r in rows:
                 if r["impl"] == impl and r["workers"] in mine:
                     m = mine[r["workers"]]
-                    ratio_rows.append([m["impl"], impl, r["workers"], m["events_per_s"] / r["events_per_s"],
+                    ratio_rows.append([m["impl"], impl, r["workers"],
+                                       m["events_per_s"] / r["events_per_s"],
                                        r["worker_cpu_s_per_M"] / m["worker_cpu_s_per_M"]])
     if ratio_rows:
         C.table(["samsara_mp row", "baseline", "workers", "samsara_mp events/s ÷ baseline",

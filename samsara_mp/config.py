@@ -304,7 +304,9 @@ def _check_headers(headers: object) -> None:
     if headers is None:
         return
     if not isinstance(headers, Mapping):
-        raise InvalidConfiguration("headers", f"must be a mapping of header names to strings, not {type(headers).__name__}")
+        raise InvalidConfiguration(
+            "headers", f"must be a mapping of header names to strings, not {type(headers).__name__}"
+        )
     for name, value in headers.items():
         if not isinstance(name, str) or not _TOKEN_RE.match(name):
             raise InvalidConfiguration("headers", f"{name!r} is not a valid HTTP header name")
@@ -312,7 +314,9 @@ def _check_headers(headers: object) -> None:
             raise InvalidConfiguration("headers", f"{name!r} is set by samsara_mp itself")
         # The value is secret: say what is wrong with it, never what it is.
         if not isinstance(value, str):
-            raise InvalidConfiguration("headers", f"the value of {name!r} must be a string, not {type(value).__name__}")
+            raise InvalidConfiguration(
+                "headers", f"the value of {name!r} must be a string, not {type(value).__name__}"
+            )
         if any(c in value for c in "\r\n\0"):
             raise InvalidConfiguration("headers", f"the value of {name!r} holds a line break or NUL")
 

@@ -221,9 +221,9 @@ def _explain(event: Mapping[str, Any], exc: BaseException) -> InvalidEvent:
         except UnicodeEncodeError:
             return InvalidEvent(ascii(key)[:80], "property name is not valid Unicode (lone surrogate)")
         try:
+            _json_encode(value).encode("utf-8")  # first: it tells a cycle from deep nesting
             if isinstance(value, _CONTAINERS):
                 _check_keys(value)
-            _json_encode(value).encode("utf-8")
         except RecursionError:
             return InvalidEvent(key, "nested too deeply to encode as JSON")
         except _ENCODE_ERRORS as inner:

@@ -36,7 +36,8 @@ def test_a_bad_hook_path_is_refused_when_the_config_is_built(path: str, runtime_
 def test_a_raising_hook_is_counted_and_publishing_goes_on(
     server: IngestServer, fast_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("PYTHONPATH",
+                       os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     config = dict(fast_config, on_success="test_hardening:_raising_hook")
     with Publisher(**config) as pub:
         with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
@@ -137,7 +138,8 @@ def test_events_are_refused_naming_what_is_wrong() -> None:
         with pytest.raises(InvalidEvent) as info:
             enc.encode({"eventName": "e", "timestamp": ts})
         assert info.value.field == "timestamp" and "9999" in str(info.value)
-    assert json.loads(enc.encode({"eventName": "e", "timestamp": MAX_TIMESTAMP}))["timestamp"] == MAX_TIMESTAMP
+    latest = json.loads(enc.encode({"eventName": "e", "timestamp": MAX_TIMESTAMP}))
+    assert latest["timestamp"] == MAX_TIMESTAMP
     # Keys that stay distinct are fine, and converted as JSON does.
     assert json.loads(enc.encode({"eventName": "e", "m": {1: "a", "2": "b"}}))["m"] == {"1": "a", "2": "b"}
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import wait_until
 from procs import alive
+
 from samsara_mp import InvalidConfiguration, SamsaraClient
 from samsara_mp.channel import Channel
 from samsara_mp.config import Config
@@ -122,7 +122,8 @@ def test_bad_headers_are_refused_naming_the_key_not_the_value(headers: Any, frag
 
 
 def test_headers_come_from_the_environment_as_json() -> None:
-    config = Config.build(env={"SAMSARA_MP_URL": "http://h", "SAMSARA_MP_HEADERS": json.dumps({"X-K": TOKEN})})
+    env = {"SAMSARA_MP_URL": "http://h", "SAMSARA_MP_HEADERS": json.dumps({"X-K": TOKEN})}
+    config = Config.build(env=env)
     assert config.headers == {"X-K": TOKEN}
     _no_secret(repr(config), "repr(Config)")
     with pytest.raises(InvalidConfiguration) as info:
