@@ -346,6 +346,15 @@ def test_samsara_lifespan_answers_startup_and_ships_at_shutdown_or_reports_a_bad
     wait_until(lambda: len(server.events()) == 1, 10, "the event recorded between startup and shutdown")
     assert server.events()[0]["sourceId"] == "lifespan"
 
+    # An app that runs the protocol itself (Starlette): the client lives inside its lifespan.
+    from starlette.applications import Starlette
+
+    sent = asyncio.run(_drive_lifespan(SamsaraLifespan(Starlette(), **fast_config, sourceId="inner")))
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert _closed_default_client()
+    wait_until(lambda: len(server.events()) == 2, 10, "the event recorded inside Starlette's lifespan")
+    assert server.events()[1]["sourceId"] == "inner"
+
 
 def _closed_default_client() -> bool:
     from samsara_mp import client as client_module

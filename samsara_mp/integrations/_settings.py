@@ -33,7 +33,8 @@ def client_from_settings(settings: object, name: str) -> SamsaraClient:
     if settings is None:
         settings = {}
     if not isinstance(settings, Mapping):
-        raise InvalidConfiguration(name, f"must be a dict of samsara_mp settings, not {type(settings).__name__}")
+        kind = type(settings).__name__
+        raise InvalidConfiguration(name, f"must be a dict of samsara_mp settings, not {kind}")
     config: dict[str, Any] = dict(settings)
     wanted = Config.build(**config)  # every key checked before any client exists
     client = get_client(**config)
