@@ -203,7 +203,7 @@ def test_uvicorn_with_3_workers_stopped_by_sigterm_delivers_every_answered_reque
         os.kill(publisher_pid, signal.SIGTERM)
         wait_until(lambda: not alive(publisher_pid), 15, "the publisher to stop")
     finally:
-        left = run.cleanup("uvicorn")
+        left = run.cleanup("spawn_main")  # uvicorn's workers are multiprocessing spawn children
         if publisher_pid is not None:
             kill_if(publisher_pid, "samsara_mp")
     assert not left, f"workers left running: {left}"
@@ -392,3 +392,62 @@ def test_aflush_waits_off_the_event_loop(
     assert flushed and took >= 0.5
     assert ticks >= 0.5 * took / 0.01, f"the loop ran {ticks} ticks in {took:.2f}s of flush"
     assert len(server.events()) == 1
+
+
+# ---- the examples, run as their READMEs say (on a free port, against the test's server) ----
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.mark.parametrize(("name", "command", "source_id"), [
+    ("django", ["-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:{port}"], "django-example"),
+    ("flask", ["-m", "gunicorn", "-w", "2", "--preload", "--bind", "127.0.0.1:{port}", "app:create_app()"],
+     "flask-example"),
+    ("fastapi", ["-m", "uvicorn", "--workers", "2", "--port", "{port}", "app:app"], "fastapi-example"),
+])
+def test_the_framework_examples_serve_and_deliver(
+    name: str, command: list[str], source_id: str, server: IngestServer, runtime_dir: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAMSARA_")}
+    env.update(SAMSARA_MP_URL=server.url, SAMSARA_MP_RUNTIME_DIR=runtime_dir,
+               PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore::DeprecationWarning")
+    args = [sys.executable, *(part.format(port=port) for part in command)]
+    log_path = tmp_path / f"{name}.log"
+    with open(log_path, "wb") as log:
+        master = subprocess.Popen(args, env=env, cwd=EXAMPLES / name, stdout=log, stderr=subprocess.STDOUT)
+    seen: set[int] = set()
+    channel = Channel(Config.build(env={}, url=server.url, runtime_dir=runtime_dir))
+    info: dict[str, Any] | None = None
+    try:
+        session = requests.Session()
+        session.headers["Connection"] = "close"
+        url = f"http://127.0.0.1:{port}/hello"
+
+        def ok() -> bool:
+            try:
+                return session.get(url, timeout=5).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(lambda: master.poll() is not None or ok(), 60, f"the {name} example")
+        assert master.poll() is None, log_path.read_text()
+        answered = 1 + sum(ok() for _ in range(4))
+        seen |= children(master.pid)
+        info = channel.read_info()
+        master.send_signal(signal.SIGTERM)
+        assert master.wait(60) == 0, log_path.read_text()[-5000:]
+        views = wait_until(
+            lambda: len(v := [e for e in server.events() if e["eventName"] == "page.view"]) >= answered and v,
+            20, "the example's events")
+    finally:
+        seen |= children(master.pid)
+        if master.poll() is None:
+            master.kill()
+            master.wait(10)
+        for pid in seen:
+            kill_if(pid, "spawn_main" if name == "fastapi" else "gunicorn")  # uvicorn spawns its workers
+        if info is not None:
+            kill_if(int(info["pid"]), "samsara_mp")  # an auto-started publisher (flask, fastapi)
+    assert answered == len(views) == 5
+    assert {(e["sourceId"], e["path"]) for e in views} == {(source_id, "/hello")}
+    assert not [pid for pid in seen if alive(pid)]
