@@ -37,6 +37,9 @@ EXAMPLE_TESTS = {
     "examples/uwsgi/uwsgi.ini": ("test_uwsgi.py", "test_the_example_ini_serves_and_delivers"),
     "examples/celery/tasks.py": ("test_celery.py", "test_the_celery_example_delivers_every_event"),
     "examples/pool/pool_example.py": ("test_pool.py", "test_the_pool_example_delivers_every_event"),
+    "examples/django/mysite/settings.py": ("test_frameworks.py", "test_the_framework_examples_serve_and_deliver"),
+    "examples/flask/app.py": ("test_frameworks.py", "test_the_framework_examples_serve_and_deliver"),
+    "examples/fastapi/app.py": ("test_frameworks.py", "test_the_framework_examples_serve_and_deliver"),
 }
 
 
