@@ -72,10 +72,10 @@ def _threads(pid: int) -> int:
 class _Run:
     """One server process tree, driven with requests; every process stopped by pid."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, cwd: Path = APPS) -> None:
         self.log_path = log_path
         with open(log_path, "wb") as log:
-            self.master = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=APPS)
+            self.master = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         self.seen: set[int] = set()
         self.answered: dict[int, int] = {}  # request id -> pid of the worker that answered
         self.sent = 0
@@ -244,6 +244,55 @@ def test_preloaded_app_under_gunicorn_delivers_every_answered_request(
     assert not left, f"workers left running: {left}"
     assert len(set(run.answered.values())) >= 2, "several workers answered"
     _assert_each_answered_event_arrived_once(server, run, source_id)
+
+
+def test_django_runserver_autoreloader_children_deliver_every_answered_request(
+    server: IngestServer, runtime_dir: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    site = tmp_path / "django_site"  # a copy, so that touching it reloads only this server
+    shutil.copytree(APPS / "django_site", site, ignore=shutil.ignore_patterns("__pycache__"))
+    port = free_port()
+    env = _env(server, runtime_dir, DJANGO_SETTINGS_MODULE="django_site.settings")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path)])
+    args = [sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}"]
+    run = _Run(args, env, tmp_path / "runserver.log", cwd=tmp_path)
+    info: dict[str, Any] | None = None
+    try:
+        run.wait_serving(f"http://127.0.0.1:{port}/")
+        first = run.send()
+        for _ in range(19):
+            run.send()
+        info = _channel(server, runtime_dir).read_info()
+
+        def reloaded() -> bool:
+            # Touched at every poll: the reloader's first look at a file only notes its mtime.
+            (site / "urls.py").touch()
+            return (pid := run.send()) is not None and pid != first
+
+        wait_until(reloaded, 30, "the autoreloader to replace its child")
+        for _ in range(20):
+            run.send()
+        second = run.answered[run.sent - 1]
+        # Stop it as Ctrl-C does: SIGINT to the child, then to the reloader (both by pid).
+        run.note_children()
+        assert children(run.master.pid) == {second}
+        os.kill(second, signal.SIGINT)
+        wait_until(lambda: not alive(second), 20, "the child to leave")
+        os.kill(run.master.pid, signal.SIGINT)
+        run.master.wait(20)
+        wait_until(lambda: {e["rid"] for e in server.events()} >= set(run.answered), 20,
+                   "every answered request's event")
+    finally:
+        left = run.cleanup("runserver")
+        if info is not None:
+            kill_if(int(info["pid"]), "samsara_mp")
+    assert not left, left
+    assert info is not None and info["owner_pid"] is None  # elected by the reloader's own client
+    assert first != second and run.master.pid not in run.answered.values()
+    assert len(run.answered) >= 40  # requests sent while the child was being replaced got no answer
+    _assert_each_answered_event_arrived_once(server, run, "django-test")
 
 
 # ---- Django: configuration errors ----
