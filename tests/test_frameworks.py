@@ -6,7 +6,9 @@
   (spawned workers, the first of which elects the publisher), stopped with SIGTERM;
 - Django (``INSTALLED_APPS``) and Flask (``SamsaraMP.init_app``) under gunicorn
   ``-w 3 --preload`` with the hooks, stopped with SIGTERM; the preload master
-  makes the client and stays single-threaded.
+  makes the client and stays single-threaded (and Django without ``--preload``);
+- Django under ``runserver``, its autoreloader replacing its child mid-run;
+- the three examples (``examples/django``, ``flask``, ``fastapi``) run as their READMEs say.
 
 Each request records one ``test.request`` event with its id and the answering
 worker's pid against a real IngestServer; the in-process tests below drive the
@@ -212,21 +214,22 @@ def test_uvicorn_with_3_workers_stopped_by_sigterm_delivers_every_answered_reque
 
 
 @pytest.mark.parametrize(
-    ("app", "source_id"),
-    [("django_site.wsgi:application", "django-test"), ("flask_app:app", "flask-test")],
-    ids=["django", "flask"],
+    ("app", "source_id", "preload"),
+    [("django_site.wsgi:application", "django-test", True), ("flask_app:app", "flask-test", True),
+     ("django_site.wsgi:application", "django-test", False)],
+    ids=["django-preload", "flask-preload", "django-fork-per-worker"],
 )
-def test_preloaded_app_under_gunicorn_delivers_every_answered_request(
-    app: str, source_id: str, server: IngestServer, runtime_dir: str, tmp_path: Path
+def test_app_under_gunicorn_delivers_every_answered_request(
+    app: str, source_id: str, preload: bool, server: IngestServer, runtime_dir: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    run = _Run(_gunicorn(app, port, "-w", "3", "--preload"), _env(server, runtime_dir),
-               tmp_path / "gunicorn.log")
+    run = _Run(_gunicorn(app, port, "-w", "3", *(["--preload"] if preload else [])),
+               _env(server, runtime_dir), tmp_path / "gunicorn.log")
     publisher_pid: int | None = None
     try:
         run.wait_serving(f"http://127.0.0.1:{port}/")
-        # The app, and with it the process's client, was made in the master before
-        # it forked; the client started no thread there, and left the publisher to on_starting.
+        # With --preload the app, and with it the process's client, was made in the master
+        # before it forked; the client started no thread there, and left the publisher to on_starting.
         assert _threads(run.master.pid) == 1
         info = wait_until(_channel(server, runtime_dir).read_info, 10, "publisher.json")
         publisher_pid = int(info["pid"])
