@@ -233,6 +233,18 @@ class SamsaraClient:
         process.unregister(self)
         return shipped
 
+    async def aflush(self, timeout: float = 30.0) -> bool:
+        """:meth:`flush` for async code: the wait runs in a worker thread, off the event loop."""
+        import asyncio  # here: a worker that never awaits does not import asyncio
+
+        return await asyncio.to_thread(self.flush, timeout)
+
+    async def aclose(self, timeout: float | None = None) -> bool:
+        """:meth:`close` for async code (an ASGI lifespan's shutdown), run off the event loop."""
+        import asyncio
+
+        return await asyncio.to_thread(self.close, timeout)
+
     def __enter__(self) -> SamsaraClient:
         return self
 

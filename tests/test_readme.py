@@ -32,11 +32,15 @@ EXCERPTS = [(info[1], code) for info, code in BLOCKS if len(info) == 2]
 BASH = [code.strip() for info, code in BLOCKS if info == ["bash"]]
 
 # Each example the README quotes, and the test that runs it for real.
+_FRAMEWORK_EXAMPLES = "test_the_framework_examples_serve_and_deliver"
 EXAMPLE_TESTS = {
     "examples/gunicorn/gunicorn.conf.py": ("test_gunicorn.py", "test_the_example_config_serves_and_delivers"),
     "examples/uwsgi/uwsgi.ini": ("test_uwsgi.py", "test_the_example_ini_serves_and_delivers"),
     "examples/celery/tasks.py": ("test_celery.py", "test_the_celery_example_delivers_every_event"),
     "examples/pool/pool_example.py": ("test_pool.py", "test_the_pool_example_delivers_every_event"),
+    "examples/django/mysite/settings.py": ("test_frameworks.py", _FRAMEWORK_EXAMPLES),
+    "examples/flask/app.py": ("test_frameworks.py", _FRAMEWORK_EXAMPLES),
+    "examples/fastapi/app.py": ("test_frameworks.py", _FRAMEWORK_EXAMPLES),
 }
 
 

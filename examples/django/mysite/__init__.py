@@ -1,0 +1,1 @@
+"""A one-view Django project that records events with samsara_mp."""
