@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from .config import Config
+from .config import WORKER_ONLY_KEYS, Config
 from .errors import ChannelError
 from .ipc import IPCError, TimedConnection, connect
 
@@ -294,6 +294,8 @@ class Channel:
     ) -> tuple[list[str], tuple[int, ...]]:
         self.ensure_dir()
         cfg = self.config.to_dict()
+        for key in WORKER_ONLY_KEYS:
+            del cfg[key]  # the publisher never runs them, and need not import the app's code
         if idle_timeout is not None:
             cfg["idle_timeout"] = idle_timeout
         args = [_python_executable(), "-c", _PUBLISHER_MAIN, "--config", json.dumps(cfg)]

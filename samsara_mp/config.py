@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -20,11 +22,16 @@ from urllib.parse import urlsplit
 
 from .errors import InvalidConfiguration
 
-__all__ = ["Config", "ENV_PREFIX", "redact_url", "export_to_env"]
+__all__ = ["Config", "ENV_PREFIX", "OFFLINE_URL", "redact_url", "export_to_env", "resolve_callable"]
 
 ENV_PREFIX = "SAMSARA_MP_"
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _COMPRESSIONS = ("gzip", "none")
+# The url of a client that never sends (``disabled``, or made inside
+# ``testing.capture_events()`` with no url configured): .invalid never resolves.
+OFFLINE_URL = "http://samsara-mp.invalid/"
+# Keys that act only in the recording process: they never cross to a publisher.
+WORKER_ONLY_KEYS = ("before_send",)
 # Every millisecond setting is bounded: a huge value passes int checks and then
 # overflows a thread's wait (OverflowError) far from where it was set.
 _MAX_MS = 30 * 24 * 3600 * 1000
@@ -69,6 +76,10 @@ class Config:
     stats_interval: int = 60_000
     on_success: str | None = None
     on_failure: str | None = None
+    # Run in the recording process (record_event, publish_events), never in the publisher.
+    before_send: str | Callable[[dict[str, Any]], Any] | None = None
+    sample_rate: float = 1.0
+    disabled: bool = False
 
     @classmethod
     def build(
@@ -93,6 +104,8 @@ class Config:
                 values[name] = _from_env(name, env[env_name], field.type)
         if "compression" in values and values["compression"] is None:
             values["compression"] = "none"  # the original SDK's spelling of no compression
+        if ("url" not in values or values["url"] is None) and values.get("disabled") is True:
+            values["url"] = OFFLINE_URL  # a disabled client needs no url: it never sends
         if "url" not in values or values["url"] is None:
             raise InvalidConfiguration(
                 "url", f"missing: pass url=... or set {ENV_PREFIX}URL"
@@ -111,8 +124,23 @@ class Config:
         return new
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as a plain dict (what crosses to a publisher process)."""
-        return dataclasses.asdict(self)
+        """The settings as a plain, JSON-able dict (what crosses to another process).
+
+        A ``before_send`` given as a callable cannot cross: it becomes None
+        (its ``"module:function"`` string form crosses as it is).
+        """
+        out = dataclasses.asdict(self)
+        if not isinstance(out["before_send"], str):
+            out["before_send"] = None
+        return out
+
+    @property
+    def before_send_hook(self) -> Callable[[dict[str, Any]], Any] | None:
+        """``before_send`` as a callable (a string resolved), or None."""
+        value = self.before_send
+        if value is None or callable(value):
+            return value
+        return resolve_callable("before_send", value)
 
     # Derived values, converted once.
     @property
@@ -213,6 +241,21 @@ class Config:
                 raise InvalidConfiguration(
                     name, f"{value!r} must be an importable 'package.module:function' path"
                 )
+        if self.before_send is not None:
+            if isinstance(self.before_send, str):
+                resolve_callable("before_send", self.before_send)  # importable now, or refused now
+            elif not callable(self.before_send):
+                raise InvalidConfiguration(
+                    "before_send",
+                    f"must be a callable or a 'module:function' string, not {self.before_send!r}",
+                )
+        rate = self.sample_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+            raise InvalidConfiguration("sample_rate", f"must be a number from 0.0 to 1.0, not {rate!r}")
+        if not 0.0 <= rate <= 1.0:
+            raise InvalidConfiguration("sample_rate", f"must be from 0.0 to 1.0, not {rate}")
+        if not isinstance(self.disabled, bool):
+            raise InvalidConfiguration("disabled", f"must be True or False, not {self.disabled!r}")
         for name in ("runtime_dir", "spool_dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -228,12 +271,33 @@ def export_to_env(values: Mapping[str, Any]) -> None:
     """
     for key, value in values.items():
         name = ENV_PREFIX + _env_suffix(key)
+        if callable(value):
+            continue  # a callable (before_send) has no string form; pass a "module:function"
         if value is None:
             os.environ.pop(name, None)
         elif isinstance(value, bool):
             os.environ[name] = "true" if value else "false"
         else:
             os.environ[name] = str(value)
+
+
+def resolve_callable(key: str, path: str) -> Callable[..., Any]:
+    """Import ``module:function`` (or ``module.function``); ``InvalidConfiguration`` naming
+    ``key`` when it is not importable or not callable."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise InvalidConfiguration(key, f"{path!r} is not an importable 'module:function' path")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidConfiguration(key, f"cannot import {path!r}: {exc}") from exc
+    if not callable(target):
+        raise InvalidConfiguration(key, f"{path!r} is not callable")
+    return target  # type: ignore[no-any-return]
 
 
 def redact_url(url: str) -> str:
@@ -282,8 +346,17 @@ def _parse_int(name: str, raw: str) -> int:
         raise InvalidConfiguration(name, f"environment value {raw!r} is not an integer") from None
 
 
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise InvalidConfiguration(name, f"environment value {raw!r} is not a number") from None
+
+
 def _from_env(name: str, raw: str, type_name: object) -> Any:
-    parsers: dict[str, Callable[[str, str], Any]] = {"bool": _parse_bool, "int": _parse_int}
+    parsers: dict[str, Callable[[str, str], Any]] = {
+        "bool": _parse_bool, "int": _parse_int, "float": _parse_float,
+    }
     parser = parsers.get(str(type_name))
     if parser is not None:
         return parser(name, raw)
