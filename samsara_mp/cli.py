@@ -173,6 +173,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         ("delivered", f"{stats.get('delivered', 0):,}"),
         ("dropped_overflow", f"{stats.get('dropped_overflow', 0):,}"),
         ("rejected", f"{stats.get('rejected', 0):,}"),
+        # Never recorded: left out by the workers' before_send and sampling.
+        ("filtered", f"{stats.get('filtered', 0):,}"),
+        ("sampled_out", f"{stats.get('sampled_out', 0):,}"),
         ("buffered", f"{stats.get('buffered', 0):,}"),
         ("spooled", f"{stats.get('spooled', 0):,}"),
         ("restored", f"{stats.get('restored', 0):,}"),
