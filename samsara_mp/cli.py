@@ -3,7 +3,8 @@
 It sits at the edges of DESIGN.md's data flow: ``publisher`` runs the
 channel's publisher process in the foreground (for systemd, supervisord or a
 sidecar), ``status`` asks a running publisher for its counters over the
-channel's socket, ``send`` POSTs one event synchronously, ``ingest-server``
+channel's socket (or, given no channel, every channel's publisher under the
+runtime directory), ``send`` POSTs one event synchronously, ``ingest-server``
 runs the reference Ingestion API server and ``demo`` runs the whole pipeline
 (server, publisher, worker processes) on this machine.
 
@@ -24,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -199,7 +201,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK  # Ctrl-C is how a watch ends
 
 
+def _selects_a_channel(args: argparse.Namespace) -> bool:
+    return bool(args.url or args.channel or os.environ.get(ENV_PREFIX + "URL")
+                or os.environ.get(ENV_PREFIX + "CHANNEL"))
+
+
 def _status(args: argparse.Namespace) -> int:
+    if not _selects_a_channel(args):
+        return _status_all(args)
     try:
         config = _status_config(args)
     except InvalidConfiguration as exc:
@@ -228,6 +237,78 @@ def _status(args: argparse.Namespace) -> int:
                 print("\033[H\033[J" + time.strftime("%H:%M:%S\n") + text, flush=True)
             else:
                 print(text if args.json else text + "\n", flush=True)
+        time.sleep(args.watch)
+
+
+def _runtime_base(args: argparse.Namespace) -> Path:
+    from .channel import _base_dir
+
+    return _base_dir(args.runtime_dir or os.environ.get(ENV_PREFIX + "RUNTIME_DIR") or None)
+
+
+def _survey(base: Path, timeout: float) -> list[dict[str, Any]]:
+    """One entry per channel directory under ``base``: its publisher's stats when one answers."""
+    try:
+        names = sorted(entry.name for entry in base.iterdir() if entry.is_dir())
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        try:
+            config = Config.build(env={}, url=_PLACEHOLDER_URL, channel=name, runtime_dir=str(base))
+        except InvalidConfiguration:
+            continue  # not a channel's directory
+        entry: dict[str, Any] = {"channel": name, "dir": str(base / name), "running": False}
+        try:
+            stats = _fetch_stats(config, timeout)
+        except (ChannelError, OSError, EOFError) as exc:  # IPCError is an OSError
+            entry["error"] = str(exc)
+        else:
+            entry.update(running=True, publisher_pid=stats.get("publisher_pid"),
+                         uptime_s=stats.get("uptime_s"), buffered=stats.get("buffered"),
+                         last_success_at=stats.get("last_success_at"),
+                         loop_alive=stats.get("loop_alive"), stats=stats)
+        found.append(entry)
+    return found
+
+
+def format_survey(base: Path, channels: list[dict[str, Any]]) -> str:
+    """The human table of every channel under a runtime directory."""
+    if not channels:
+        return f"no channels under {base}"
+    rows = [("channel", "pid", "uptime", "buffered", "last success", "loop")]
+    for ch in channels:
+        if not ch["running"]:
+            rows.append((ch["channel"], "-", "-", "-", "-", "no publisher answers"))
+            continue
+        rows.append((
+            ch["channel"], str(ch["publisher_pid"]), _duration(float(ch["uptime_s"] or 0.0)),
+            f"{int(ch['buffered'] or 0):,}", _when(ch["last_success_at"]),
+            "alive" if ch["loop_alive"] else "DEAD",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return f"channels under {base}:\n" + "\n".join(lines)
+
+
+def _status_all(args: argparse.Namespace) -> int:
+    """``status`` with no channel: every channel under the runtime directory, at a glance."""
+    base = _runtime_base(args)
+    redraw = sys.stdout.isatty() and not args.json
+    while True:
+        channels = _survey(base, args.timeout)
+        if args.json:
+            text = json.dumps({"runtime_dir": str(base), "channels": channels}, sort_keys=True)
+        else:
+            text = format_survey(base, channels)
+        if args.watch is None:
+            print(text)
+            return EXIT_OK if any(ch["running"] for ch in channels) else EXIT_NO_PUBLISHER
+        if redraw:
+            print("\033[H\033[J" + time.strftime("%H:%M:%S\n") + text, flush=True)
+        else:
+            print(text if args.json else text + "\n", flush=True)
         time.sleep(args.watch)
 
 
@@ -336,8 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "status",
-        help="show a running publisher's counters",
-        description="Ask the channel's publisher for its stats. Exits 3 when none answers.",
+        help="show a running publisher's counters, or every channel's at a glance",
+        description="Ask the channel's publisher for its stats. With no --url or --channel "
+        f"(and no {ENV_PREFIX}URL / {ENV_PREFIX}CHANNEL), list every channel under the runtime "
+        "directory with its publisher's pid, uptime, buffered events, last success and whether "
+        "its publish loop is alive. Exits 3 when no publisher answers.",
     )
     p.add_argument("--url", default=None, help="the app's base URL (selects its default channel)")
     _add_channel_options(p)

@@ -101,6 +101,11 @@ class PublishLoop:
         self._thread = threading.Thread(target=self._run, name="samsara-mp-publish", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The publishing thread runs (False before start and after it ended)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def request_flush(self) -> int:
         """Publish everything buffered now, ignoring the interval; returns the target seq."""
         target = self.buffer.tail_seq

@@ -186,6 +186,7 @@ class PublisherProcess:
             stats_events=self._stats_events,
             publisher_pid=os.getpid(),
             uptime_s=time.time() - self._started,
+            loop_alive=self.loop.alive,
             connected_clients=self._server.clients if self._server else 0,
             channel=self.channel.name,
             url=redact_url(self.config.url),
