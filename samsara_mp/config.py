@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import logging
 import math
 import os
 import re
@@ -22,7 +23,12 @@ from urllib.parse import urlsplit
 
 from .errors import InvalidConfiguration
 
-__all__ = ["Config", "ENV_PREFIX", "OFFLINE_URL", "redact_url", "export_to_env", "resolve_callable"]
+__all__ = [
+    "Config", "ENV_PREFIX", "OFFLINE_URL", "redact_url", "export_to_env", "resolve_callable",
+    "callable_path",
+]
+
+log = logging.getLogger("samsara_mp")
 
 ENV_PREFIX = "SAMSARA_MP_"
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -126,12 +132,13 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain, JSON-able dict (what crosses to another process).
 
-        A ``before_send`` given as a callable cannot cross: it becomes None
-        (its ``"module:function"`` string form crosses as it is).
+        A ``before_send`` given as a callable becomes its ``"module:function"``
+        path when importing that path gives the same function, else None (a
+        lambda, a nested function, one in ``__main__``): a callable cannot cross.
         """
         out = dataclasses.asdict(self)
-        if not isinstance(out["before_send"], str):
-            out["before_send"] = None
+        if callable(out["before_send"]):
+            out["before_send"] = callable_path(out["before_send"])
         return out
 
     @property
@@ -272,7 +279,15 @@ def export_to_env(values: Mapping[str, Any]) -> None:
     for key, value in values.items():
         name = ENV_PREFIX + _env_suffix(key)
         if callable(value):
-            continue  # a callable (before_send) has no string form; pass a "module:function"
+            path = callable_path(value)
+            if path is None:
+                log.warning(
+                    "samsara_mp: %s is a callable that other processes cannot import; processes "
+                    "started by spawn, forkserver or a subprocess will not run it: pass a "
+                    "'module:function' string", key,
+                )
+                continue
+            value = path
         if value is None:
             os.environ.pop(name, None)
         elif isinstance(value, bool):
@@ -298,6 +313,21 @@ def resolve_callable(key: str, path: str) -> Callable[..., Any]:
     if not callable(target):
         raise InvalidConfiguration(key, f"{path!r} is not callable")
     return target  # type: ignore[no-any-return]
+
+
+def callable_path(fn: Callable[..., Any]) -> str | None:
+    """``"module:qualname"`` of ``fn`` when importing it gives ``fn`` back, else None."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__" \
+            or "<" in qualname:
+        return None
+    path = f"{module}:{qualname}"
+    try:
+        found = resolve_callable("callable", path)
+    except InvalidConfiguration:
+        return None
+    return path if found is fn else None
 
 
 def redact_url(url: str) -> str:

@@ -83,14 +83,67 @@ def test_a_disabled_client_needs_no_url() -> None:
     assert info.value.key == "url"
 
 
-def test_a_callable_before_send_stays_out_of_the_dict_and_the_environment() -> None:
+def test_a_callable_before_send_crosses_processes_only_as_an_importable_path(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     cfg = Config.build(url="http://127.0.0.1:1/", env={}, before_send=lambda e: e)
     assert json.loads(json.dumps(cfg.to_dict()))["before_send"] is None
+    by_function = Config.build(url="http://127.0.0.1:1/", env={}, before_send=redact)
+    assert by_function.to_dict()["before_send"] == "test_testmode:redact"
     by_path = Config.build(url="http://127.0.0.1:1/", env={}, before_send="test_testmode:redact")
     assert by_path.to_dict()["before_send"] == "test_testmode:redact"
     export_to_env({"before_send": redact, "sample_rate": 0.5})
-    assert "SAMSARA_MP_BEFORE_SEND" not in os.environ
+    assert os.environ["SAMSARA_MP_BEFORE_SEND"] == "test_testmode:redact"
     assert os.environ["SAMSARA_MP_SAMPLE_RATE"] == "0.5"
+    del os.environ["SAMSARA_MP_BEFORE_SEND"]
+    caplog.set_level(logging.WARNING, logger="samsara_mp")
+    export_to_env({"before_send": lambda e: e})
+    assert "SAMSARA_MP_BEFORE_SEND" not in os.environ
+    assert "cannot import" in caplog.text
+
+
+GUNICORN_CONF = """
+import os
+from samsara_mp import InvalidConfiguration
+from samsara_mp.integrations import gunicorn
+from workers import drop_secrets
+
+try:
+    gunicorn.configure(url="http://127.0.0.1:1/", before_send=lambda e: e)
+except InvalidConfiguration as exc:
+    print("refused", exc.key)
+gunicorn.configure(url="http://127.0.0.1:1/", before_send=drop_secrets)
+print("exported", os.environ["SAMSARA_MP_BEFORE_SEND"])
+"""
+
+
+def test_gunicorn_configure_refuses_a_before_send_its_workers_cannot_import() -> None:
+    # In a process of its own: configure() makes its process the channel's expected owner.
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    proc = subprocess.run([sys.executable, "-c", GUNICORN_CONF], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["refused before_send", "exported workers:drop_secrets"]
+
+
+def test_spawned_pool_workers_run_a_callable_before_send(
+    fast_config: dict[str, Any], server: IngestServer
+) -> None:
+    import multiprocessing
+
+    from workers import drop_secrets, record_login
+
+    from samsara_mp.integrations.multiprocessing import PoolPublisher
+
+    ctx = multiprocessing.get_context("spawn")
+    with PoolPublisher(**fast_config, sourceId="pool", before_send=drop_secrets) as pub:
+        with ctx.Pool(2, **pub.pool_kwargs()) as pool:
+            assert pool.map(record_login, range(40)) == list(range(40))
+        stats = wait_until(lambda: (s := pub.stats())["delivered"] == 40 and s, 20, "40 delivered")
+    assert stats["filtered"] == 40 and stats["recorded"] == 40
+    events = server.events()
+    assert sorted(e["n"] for e in events) == list(range(40))
+    assert all(e["eventName"] == "user.login" and "password" not in e for e in events)
 
 
 # ---- before_send through a real publisher and server ----
