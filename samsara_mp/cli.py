@@ -57,6 +57,7 @@ _PUBLISHER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("backoff_base", "MS", "first retry delay (default 100)"),
     ("backoff_cap", "MS", "longest retry delay (default 30000)"),
     ("ipc_timeout", "MS", "bound on every IPC wait (default 2000)"),
+    ("metrics_port", "PORT", "serve Prometheus /metrics on this port (default 0: off)"),
 )
 
 
@@ -87,7 +88,7 @@ def _cmd_publisher(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     # Keys left out (not passed as None) so that Config.build falls back to the environment.
-    for key in ("url", "channel", "runtime_dir", "compression", "spool_dir"):
+    for key in ("url", "channel", "runtime_dir", "compression", "spool_dir", "metrics_host"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     try:
@@ -192,6 +193,12 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def _prometheus(channels: list[tuple[str, dict[str, Any] | None]]) -> str:
+    from .metrics import exposition
+
+    return exposition(channels)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     try:
         return _status(args)
@@ -207,6 +214,12 @@ def _selects_a_channel(args: argparse.Namespace) -> bool:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.format == "prometheus":
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            _err("--format prometheus needs prometheus_client: pip install 'samsara-mp[prometheus]'")
+            return EXIT_USAGE
     if not _selects_a_channel(args):
         return _status_all(args)
     try:
@@ -214,7 +227,7 @@ def _status(args: argparse.Namespace) -> int:
     except InvalidConfiguration as exc:
         _err(str(exc))
         return EXIT_USAGE
-    redraw = sys.stdout.isatty() and not args.json
+    redraw = sys.stdout.isatty() and args.format == "table"
     while True:
         try:
             stats = _fetch_stats(config, args.timeout)
@@ -225,18 +238,25 @@ def _status(args: argparse.Namespace) -> int:
             message = f"no publisher answers on channel {config.channel_name}: {exc}"
             if args.watch is None:
                 _err(message)
+                if args.format == "prometheus":  # a scrape still says the publisher is down
+                    print(_prometheus([(config.channel_name, None)]), end="")
                 return EXIT_NO_PUBLISHER
             # A watch outlives publisher restarts; stdout keeps only stats (JSON lines stay JSON).
             _err(message + "; still watching")
         else:
-            text = json.dumps(stats, sort_keys=True) if args.json else format_stats(stats)
+            if args.format == "json":
+                text = json.dumps(stats, sort_keys=True)
+            elif args.format == "prometheus":
+                text = _prometheus([(config.channel_name, stats)]).rstrip("\n")
+            else:
+                text = format_stats(stats)
             if args.watch is None:
                 print(text)
                 return EXIT_OK
             if redraw:
                 print("\033[H\033[J" + time.strftime("%H:%M:%S\n") + text, flush=True)
             else:
-                print(text if args.json else text + "\n", flush=True)
+                print(text if args.format != "table" else text + "\n", flush=True)
         time.sleep(args.watch)
 
 
@@ -295,11 +315,13 @@ def format_survey(base: Path, channels: list[dict[str, Any]]) -> str:
 def _status_all(args: argparse.Namespace) -> int:
     """``status`` with no channel: every channel under the runtime directory, at a glance."""
     base = _runtime_base(args)
-    redraw = sys.stdout.isatty() and not args.json
+    redraw = sys.stdout.isatty() and args.format == "table"
     while True:
         channels = _survey(base, args.timeout)
-        if args.json:
+        if args.format == "json":
             text = json.dumps({"runtime_dir": str(base), "channels": channels}, sort_keys=True)
+        elif args.format == "prometheus":
+            text = _prometheus([(ch["channel"], ch.get("stats")) for ch in channels]).rstrip("\n")
         else:
             text = format_survey(base, channels)
         if args.watch is None:
@@ -308,7 +330,7 @@ def _status_all(args: argparse.Namespace) -> int:
         if redraw:
             print("\033[H\033[J" + time.strftime("%H:%M:%S\n") + text, flush=True)
         else:
-            print(text if args.json else text + "\n", flush=True)
+            print(text if args.format != "table" else text + "\n", flush=True)
         time.sleep(args.watch)
 
 
@@ -412,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=int, metavar=metavar, help=text)
     p.add_argument("--compression", choices=("gzip", "none"), default=None, help="default gzip")
     p.add_argument("--spool-dir", default=None, help="where undrained events are spooled")
+    p.add_argument("--metrics-host", default=None, help="address /metrics binds to (default 127.0.0.1)")
     p.add_argument("--log-level", choices=levels, default="INFO", help="default INFO")
     p.set_defaults(func=_cmd_publisher)
 
@@ -425,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", default=None, help="the app's base URL (selects its default channel)")
     _add_channel_options(p)
-    p.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    p.add_argument("--json", action="store_const", dest="format", const="json", default="table",
+                   help="print the raw stats as JSON (same as --format json)")
+    p.add_argument("--format", choices=("table", "json", "prometheus"), default="table",
+                   help="table (default), json, or the Prometheus text format (needs prometheus_client)")
     p.add_argument(
         "--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
         help="refresh every SECONDS (default 2) until interrupted",

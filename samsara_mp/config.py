@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -86,6 +87,9 @@ class Config:
     before_send: str | Callable[[dict[str, Any]], Any] | None = None
     sample_rate: float = 1.0
     disabled: bool = False
+    # The publisher serves Prometheus /metrics here (0: off; needs the prometheus extra).
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def build(
@@ -263,6 +267,15 @@ class Config:
             raise InvalidConfiguration("sample_rate", f"must be from 0.0 to 1.0, not {rate}")
         if not isinstance(self.disabled, bool):
             raise InvalidConfiguration("disabled", f"must be True or False, not {self.disabled!r}")
+        _check_int("metrics_port", self.metrics_port, minimum=0)
+        if self.metrics_port > 65535:
+            raise InvalidConfiguration("metrics_port", f"{self.metrics_port} is not a TCP port (0-65535)")
+        if not isinstance(self.metrics_host, str) or not self.metrics_host:
+            raise InvalidConfiguration("metrics_host", "must be a non-empty host name or address")
+        if self.metrics_port and importlib.util.find_spec("prometheus_client") is None:
+            raise InvalidConfiguration(
+                "metrics_port", "needs prometheus_client: pip install 'samsara-mp[prometheus]'"
+            )
         for name in ("runtime_dir", "spool_dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
