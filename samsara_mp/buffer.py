@@ -39,6 +39,9 @@ class Counters:
     spooled: int = 0
     dropped_spool: int = 0  # taken out to be spooled, but the spool could not be written
     pushes: int = 0
+    # Reported by workers: never recorded (left out before staging), counted apart.
+    filtered: int = 0
+    sampled_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class SharedBuffer:
         push_seq: int = -1,
         recorded: int | None = None,
         staging_dropped: int = 0,
+        filtered: int = 0,
+        sampled_out: int = 0,
     ) -> int:
         """Append a batch, dropping the oldest past the bound; returns events dropped now.
 
@@ -102,6 +107,8 @@ class SharedBuffer:
             c.recorded += rec
             c.received += n
             c.dropped_staging += staging_dropped
+            c.filtered += filtered
+            c.sampled_out += sampled_out
             if not n:
                 return 0
             if not self._ring:
@@ -254,6 +261,8 @@ class SharedBuffer:
                 "duplicate_pushes": c.duplicate_pushes,
                 "spooled": c.spooled,
                 "dropped_spool": c.dropped_spool,
+                "filtered": c.filtered,
+                "sampled_out": c.sampled_out,
                 "head_seq": self._head_seq,
                 "tail_seq": self._head_seq + len(self._ring),
                 "clients_seen": len(self._last_push),

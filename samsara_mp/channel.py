@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from .config import Config
+from .config import WORKER_ONLY_KEYS, Config
 from .errors import ChannelError
 from .ipc import IPCError, TimedConnection, connect
 
@@ -341,6 +341,8 @@ class Channel:
         secrets. The publisher reads it from the inherited pipe and closes it."""
         self.ensure_dir()
         cfg = self.config.to_dict()
+        for key in WORKER_ONLY_KEYS:
+            del cfg[key]  # the publisher never runs them, and need not import the app's code
         if idle_timeout is not None:
             cfg["idle_timeout"] = idle_timeout
         config_fd = _config_pipe(json.dumps(cfg).encode())

@@ -3,7 +3,8 @@
 It sits at the edges of DESIGN.md's data flow: ``publisher`` runs the
 channel's publisher process in the foreground (for systemd, supervisord or a
 sidecar), ``status`` asks a running publisher for its counters over the
-channel's socket, ``send`` POSTs one event synchronously, ``ingest-server``
+channel's socket (or, given no channel, every channel's publisher under the
+runtime directory), ``send`` POSTs one event synchronously, ``ingest-server``
 runs the reference Ingestion API server and ``demo`` runs the whole pipeline
 (server, publisher, worker processes) on this machine.
 
@@ -24,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -55,6 +57,7 @@ _PUBLISHER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("backoff_base", "MS", "first retry delay (default 100)"),
     ("backoff_cap", "MS", "longest retry delay (default 30000)"),
     ("ipc_timeout", "MS", "bound on every IPC wait (default 2000)"),
+    ("metrics_port", "PORT", "serve Prometheus /metrics on this port (default 0: off)"),
 )
 
 
@@ -85,7 +88,7 @@ def _cmd_publisher(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     # Keys left out (not passed as None) so that Config.build falls back to the environment.
-    for key in ("url", "channel", "runtime_dir", "compression", "spool_dir"):
+    for key in ("url", "channel", "runtime_dir", "compression", "spool_dir", "metrics_host"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.url and redact_url_safe(args.url) != args.url:
@@ -176,6 +179,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         ("delivered", f"{stats.get('delivered', 0):,}"),
         ("dropped_overflow", f"{stats.get('dropped_overflow', 0):,}"),
         ("rejected", f"{stats.get('rejected', 0):,}"),
+        # Never recorded: left out by the workers' before_send and sampling.
+        ("filtered", f"{stats.get('filtered', 0):,}"),
+        ("sampled_out", f"{stats.get('sampled_out', 0):,}"),
         ("buffered", f"{stats.get('buffered', 0):,}"),
         ("spooled", f"{stats.get('spooled', 0):,}"),
         ("restored", f"{stats.get('restored', 0):,}"),
@@ -200,6 +206,12 @@ def healthy(stats: dict[str, Any]) -> bool:
     return bool(stats.get("loop_alive", False)) and not stats.get("stale", False)
 
 
+def _prometheus(channels: list[tuple[str, dict[str, Any] | None]]) -> str:
+    from .metrics import exposition
+
+    return exposition(channels)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     try:
         return _status(args)
@@ -209,13 +221,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK  # Ctrl-C is how a watch ends
 
 
+def _selects_a_channel(args: argparse.Namespace) -> bool:
+    return bool(args.url or args.channel or os.environ.get(ENV_PREFIX + "URL")
+                or os.environ.get(ENV_PREFIX + "CHANNEL"))
+
+
 def _status(args: argparse.Namespace) -> int:
+    if args.format == "prometheus":
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            _err("--format prometheus needs prometheus_client: pip install 'samsara-mp[prometheus]'")
+            return EXIT_USAGE
+    if not _selects_a_channel(args):
+        return _status_all(args)
     try:
         config = _status_config(args)
     except InvalidConfiguration as exc:
         _err(str(exc))
         return EXIT_USAGE
-    redraw = sys.stdout.isatty() and not args.json
+    redraw = sys.stdout.isatty() and args.format == "table"
     while True:
         try:
             stats = _fetch_stats(config, args.timeout)
@@ -226,18 +251,99 @@ def _status(args: argparse.Namespace) -> int:
             message = f"no publisher answers on channel {config.channel_name}: {exc}"
             if args.watch is None:
                 _err(message)
+                if args.format == "prometheus":  # a scrape still says the publisher is down
+                    print(_prometheus([(config.channel_name, None)]), end="")
                 return EXIT_NO_PUBLISHER
             # A watch outlives publisher restarts; stdout keeps only stats (JSON lines stay JSON).
             _err(message + "; still watching")
         else:
-            text = json.dumps(stats, sort_keys=True) if args.json else format_stats(stats)
+            if args.format == "json":
+                text = json.dumps(stats, sort_keys=True)
+            elif args.format == "prometheus":
+                text = _prometheus([(config.channel_name, stats)]).rstrip("\n")
+            else:
+                text = format_stats(stats)
             if args.watch is None:
                 print(text)
                 return EXIT_OK if healthy(stats) else EXIT_FAILURE
             if redraw:
                 print("\033[H\033[J" + time.strftime("%H:%M:%S\n") + text, flush=True)
             else:
-                print(text if args.json else text + "\n", flush=True)
+                print(text if args.format != "table" else text + "\n", flush=True)
+        time.sleep(args.watch)
+
+
+def _runtime_base(args: argparse.Namespace) -> Path:
+    from .channel import _base_dir
+
+    return _base_dir(args.runtime_dir or os.environ.get(ENV_PREFIX + "RUNTIME_DIR") or None)
+
+
+def _survey(base: Path, timeout: float) -> list[dict[str, Any]]:
+    """One entry per channel directory under ``base``: its publisher's stats when one answers."""
+    try:
+        names = sorted(entry.name for entry in base.iterdir() if entry.is_dir())
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        try:
+            config = Config.build(env={}, url=_PLACEHOLDER_URL, channel=name, runtime_dir=str(base))
+        except InvalidConfiguration:
+            continue  # not a channel's directory
+        entry: dict[str, Any] = {"channel": name, "dir": str(base / name), "running": False}
+        try:
+            stats = _fetch_stats(config, timeout)
+        except (ChannelError, OSError, EOFError) as exc:  # IPCError is an OSError
+            entry["error"] = str(exc)
+        else:
+            entry.update(running=True, publisher_pid=stats.get("publisher_pid"),
+                         uptime_s=stats.get("uptime_s"), buffered=stats.get("buffered"),
+                         last_success_at=stats.get("last_success_at"),
+                         loop_alive=stats.get("loop_alive"), stats=stats)
+        found.append(entry)
+    return found
+
+
+def format_survey(base: Path, channels: list[dict[str, Any]]) -> str:
+    """The human table of every channel under a runtime directory."""
+    if not channels:
+        return f"no channels under {base}"
+    rows = [("channel", "pid", "uptime", "buffered", "last success", "loop")]
+    for ch in channels:
+        if not ch["running"]:
+            rows.append((ch["channel"], "-", "-", "-", "-", "no publisher answers"))
+            continue
+        rows.append((
+            ch["channel"], str(ch["publisher_pid"]), _duration(float(ch["uptime_s"] or 0.0)),
+            f"{int(ch['buffered'] or 0):,}", _when(ch["last_success_at"]),
+            "alive" if ch["loop_alive"] else "DEAD",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return f"channels under {base}:\n" + "\n".join(lines)
+
+
+def _status_all(args: argparse.Namespace) -> int:
+    """``status`` with no channel: every channel under the runtime directory, at a glance."""
+    base = _runtime_base(args)
+    redraw = sys.stdout.isatty() and args.format == "table"
+    while True:
+        channels = _survey(base, args.timeout)
+        if args.format == "json":
+            text = json.dumps({"runtime_dir": str(base), "channels": channels}, sort_keys=True)
+        elif args.format == "prometheus":
+            text = _prometheus([(ch["channel"], ch.get("stats")) for ch in channels]).rstrip("\n")
+        else:
+            text = format_survey(base, channels)
+        if args.watch is None:
+            print(text)
+            return EXIT_OK if any(ch["running"] for ch in channels) else EXIT_NO_PUBLISHER
+        if redraw:
+            print("\033[H\033[J" + time.strftime("%H:%M:%S\n") + text, flush=True)
+        else:
+            print(text if args.format != "table" else text + "\n", flush=True)
         time.sleep(args.watch)
 
 
@@ -341,19 +447,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=int, metavar=metavar, help=text)
     p.add_argument("--compression", choices=("gzip", "none"), default=None, help="default gzip")
     p.add_argument("--spool-dir", default=None, help="where undrained events are spooled")
+    p.add_argument("--metrics-host", default=None, help="address /metrics binds to (default 127.0.0.1)")
     p.add_argument("--log-level", choices=levels, default="INFO", help="default INFO")
     p.set_defaults(func=_cmd_publisher)
 
     p = sub.add_parser(
         "status",
-        help="show a running publisher's counters",
-        description="Ask the channel's publisher for its stats. Exits 3 when none answers, "
-        "1 when its publish loop is dead or events have waited past a few intervals "
-        "with no delivery (stale).",
+        help="show a running publisher's counters, or every channel's at a glance",
+        description="Ask the channel's publisher for its stats. With no --url or --channel "
+        f"(and no {ENV_PREFIX}URL / {ENV_PREFIX}CHANNEL), list every channel under the runtime "
+        "directory with its publisher's pid, uptime, buffered events, last success and whether "
+        "its publish loop is alive. Exits 3 when no publisher answers; for one channel, 1 when "
+        "its publish loop is dead or events have waited past a few intervals with no delivery "
+        "(stale).",
     )
     p.add_argument("--url", default=None, help="the app's base URL (selects its default channel)")
     _add_channel_options(p)
-    p.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    p.add_argument("--json", action="store_const", dest="format", const="json", default="table",
+                   help="print the raw stats as JSON (same as --format json)")
+    p.add_argument("--format", choices=("table", "json", "prometheus"), default="table",
+                   help="table (default), json, or the Prometheus text format (needs prometheus_client)")
     p.add_argument(
         "--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
         help="refresh every SECONDS (default 2) until interrupted",

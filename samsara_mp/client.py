@@ -8,21 +8,28 @@ if none runs on its channel, without waiting for it and without starting a
 thread; the shipper thread starts at the first staged event. Nothing here
 waits on the publisher from ``record_event``, and every IPC wait is bounded
 by ``ipc_timeout``.
+
+Between validation and staging sit the optional steps a configuration (or an
+active ``testing.capture_events()``) turns on: ``disabled``, sampling by
+``sourceId``, ``before_send``, capture. With none of them on, ``record_event``
+pays one attribute check for them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import process
 from .channel import Channel
-from .config import Config, export_to_env
-from .errors import ChannelError, PublishError
+from .config import ENV_PREFIX, Config, export_to_env
+from .errors import ChannelError, InvalidEvent, PublishError
 from .event import EventEncoder
 from .ipc import IPCError
 from .process import close_all, reset_after_fork, ship_all  # re-exported
@@ -34,6 +41,8 @@ __all__ = ["SamsaraClient", "get_client", "ship_all", "close_all", "reset_after_
 log = logging.getLogger("samsara_mp")
 
 _IPC_ERRORS = (IPCError, ChannelError, EOFError, OSError)
+# At most one log line per this many seconds about a raising before_send.
+_HOOK_ERROR_LOG_INTERVAL = 10.0
 
 
 class SamsaraClient:
@@ -51,6 +60,11 @@ class SamsaraClient:
             config["url"] = url
         if sourceId is not None:
             config["sourceId"] = sourceId
+        if (process.capturing() and config.get("url") is None and ENV_PREFIX + "URL" not in os.environ
+                and config.get("disabled") is None):
+            # Made inside capture_events() with no url anywhere: a client that
+            # never sends (it captures while the block is active, then discards).
+            config["disabled"] = True
         self.config = Config.build(**config)
         self.channel = Channel(self.config)
         self.exit_timeout_s = self.config.exit_timeout_s
@@ -63,9 +77,27 @@ class SamsaraClient:
         self._staging = Staging(self.config.staging_size, self.config.staging_bytes)
         self._shipper = Shipper(self.config, self.channel, self._staging)
         self._thread_started = False
+        rate = self.config.sample_rate
+        # Keep a source when crc32(sourceId) falls below this (None: keep all).
+        self._sample_below: int | None = None if rate >= 1.0 else int(rate * 2**32)
+        self._before_send: Callable[[dict[str, Any]], Any] | None = self.config.before_send_hook
+        self.disabled_events = 0  # validated and discarded: disabled=True
+        self.before_send_errors = 0
+        self._errors_logged = 0
+        self._next_error_log = 0.0
+        self._special = False
+        self.refresh_mode()
         process.register(self)
-        if self.config.start_publishing_thread and not process.owner_expected():
+        if (self.config.start_publishing_thread and not process.owner_expected()
+                and not self.config.disabled and not process.capturing()):
             self._launch_early()
+
+    def refresh_mode(self) -> None:
+        """Decide whether record_event takes the plain path or :meth:`_prepare`."""
+        self._special = bool(
+            self._before_send is not None or self._sample_below is not None
+            or self.config.disabled or process.capturing()
+        )
 
     def _launch_early(self) -> None:
         """Start the election now, so a cold channel's publisher is up by the first push."""
@@ -83,6 +115,7 @@ class SamsaraClient:
         self._shipper.staging = self._staging
         self._shipper.after_fork()
         self._thread_started = False
+        self.disabled_events = self.before_send_errors = self._errors_logged = 0
 
     @property
     def threaded(self) -> bool:
@@ -93,7 +126,13 @@ class SamsaraClient:
     # ---- hot path ----
     def record_event(self, **event: Any) -> None:
         """Validate, encode and stage one event; raise only ``InvalidEvent``."""
-        n = self._staging.add(self._encoder.encode_owned(event))
+        if self._special:
+            data = self._prepare(event)
+            if data is None:
+                return
+        else:
+            data = self._encoder.encode_owned(event)
+        n = self._staging.add(data)
         shipper = self._shipper
         if n == 1 or n == self._ship_batch:
             if self._thread_started or self._start_thread():
@@ -102,6 +141,66 @@ class SamsaraClient:
             n >= self._ship_batch or time.monotonic() - self._staging.since >= self._ship_delay_s
         ):
             shipper.ship_inline()
+
+    def _prepare(self, event: dict[str, Any], report: bool = True) -> bytes | None:
+        """The event's bytes to stage, or None when it is not to be staged:
+        discarded (``disabled``), sampled out, filtered by ``before_send``, or captured.
+
+        ``report``: count what is left out in the channel's stats too (not for
+        publish_events, whose events never pass through the publisher)."""
+        encoder = self._encoder
+        encoder.enrich(event)
+        sinks = process.capture_sinks()
+        if sinks:
+            report = False  # capturing: nothing here reaches a publisher
+        elif self.config.disabled:
+            encoder.encode_enriched(event)  # validated all the same
+            self.disabled_events += 1
+            return None
+        below = self._sample_below
+        if below is not None and zlib.crc32(event["sourceId"].encode("utf-8", "surrogatepass")) >= below:
+            self._staging.note_left_out(0, 1, report)
+            return None
+        hook = self._before_send
+        if hook is not None:
+            try:
+                result = hook(event)
+            except Exception as exc:  # noqa: BLE001 - never send what the hook did not clear
+                self._staging.note_left_out(1, 0, report)
+                self._before_send_failed(exc)
+                return None
+            if result is None:
+                self._staging.note_left_out(1, 0, report)
+                return None
+            if not isinstance(result, dict):
+                if not isinstance(result, Mapping):
+                    raise InvalidEvent(
+                        "event", f"before_send returned {type(result).__name__}, not a dict or None"
+                    )
+                result = dict(result)
+            encoder.enrich(result)  # what it returns is validated like any event
+            event = result
+        data = encoder.encode_enriched(event)
+        if sinks:
+            for sink in sinks:
+                sink.append(json.loads(data))  # what the API would have received
+            return None
+        return data
+
+    def _before_send_failed(self, exc: Exception) -> None:
+        self.before_send_errors += 1
+        now = time.monotonic()
+        if now < self._next_error_log:
+            return
+        self._next_error_log = now + _HOOK_ERROR_LOG_INTERVAL
+        since = self.before_send_errors - self._errors_logged
+        self._errors_logged = self.before_send_errors
+        log.warning(
+            "samsara_mp: before_send raised %s; the event was dropped (%d such errors since the "
+            "last report, %d in all; reported at most every %.0fs)",
+            type(exc).__name__, since, self.before_send_errors, _HOOK_ERROR_LOG_INTERVAL,
+            exc_info=exc,
+        )
 
     def _start_thread(self) -> bool:
         self._thread_started = self._shipper.start_thread()
@@ -119,7 +218,19 @@ class SamsaraClient:
         from .delivery import settle
         from .transport import Transport
 
-        payloads = self._encoder.encode_many(events)
+        if self._special:
+            payloads = []
+            for index, event in enumerate(events):
+                try:
+                    if not isinstance(event, Mapping):
+                        raise InvalidEvent("event", f"must be a mapping, not {type(event).__name__}")
+                    data = self._prepare(dict(event), report=False)
+                except InvalidEvent as exc:
+                    raise InvalidEvent(f"events[{index}].{exc.field}", exc.reason) from None
+                if data is not None:
+                    payloads.append(data)
+        else:
+            payloads = self._encoder.encode_many(events)
         if not payloads:
             return True
         transport = Transport.from_config(self.config)
@@ -159,6 +270,8 @@ class SamsaraClient:
         True when everything buffered before the call has left the buffer
         (delivered, or counted as rejected or dropped) within ``timeout``.
         """
+        if self.config.disabled or process.capturing():
+            return self.ship(timeout)  # nothing of this mode reaches a publisher: never elect one
         deadline = time.monotonic() + timeout
         if not self.ship(timeout):
             return False
@@ -186,6 +299,13 @@ class SamsaraClient:
                 "discarded": self.discarded,
                 "unreported_recorded": staging.unreported_recorded + (push.recorded if push else 0),
                 "unreported_dropped": staging.unreported_dropped + (push.dropped if push else 0),
+                # Never staged, so not in recorded: see README, "Filtering, sampling and tests".
+                "filtered": staging.filtered,
+                "sampled_out": staging.sampled_out,
+                "before_send_errors": self.before_send_errors,
+                "disabled": self.disabled_events,
+                "unreported_filtered": staging.unreported_filtered + (push.filtered if push else 0),
+                "unreported_sampled_out": staging.unreported_sampled_out + (push.sampled_out if push else 0),
                 "threaded": self.threaded,
                 "shipper_alive": self._shipper.thread is not None and self._shipper.thread.is_alive(),
                 "shipper_errors": shipper.thread_errors,
@@ -193,6 +313,9 @@ class SamsaraClient:
                 "channel": self.channel.name,
             }
         result: dict[str, Any] = {"local": local, "channel": None}
+        if self.config.disabled or process.capturing():
+            result["error"] = "disabled" if self.config.disabled else "capturing"
+            return result
         try:
             chan = dict(shipper.call("stats", timeout=self.config.ipc_timeout_s))
         except _IPC_ERRORS as exc:
@@ -203,6 +326,8 @@ class SamsaraClient:
         chan["recorded"] += local["unreported_recorded"]
         chan["dropped_overflow"] += local["unreported_dropped"]
         chan["dropped_staging"] += local["unreported_dropped"]
+        chan["filtered"] = chan.get("filtered", 0) + local["unreported_filtered"]
+        chan["sampled_out"] = chan.get("sampled_out", 0) + local["unreported_sampled_out"]
         chan["staged"] = local["staged"]
         result["channel"] = chan
         return result

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
+import importlib.util
 import json
+import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -21,11 +25,21 @@ from urllib.parse import urlsplit
 
 from .errors import InvalidConfiguration
 
-__all__ = ["Config", "ENV_PREFIX", "redact_url", "export_to_env"]
+__all__ = [
+    "Config", "ENV_PREFIX", "OFFLINE_URL", "redact_url", "export_to_env", "resolve_callable",
+    "callable_path",
+]
+
+log = logging.getLogger("samsara_mp")
 
 ENV_PREFIX = "SAMSARA_MP_"
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _COMPRESSIONS = ("gzip", "none")
+# The url of a client that never sends (``disabled``, or made inside
+# ``testing.capture_events()`` with no url configured): .invalid never resolves.
+OFFLINE_URL = "http://samsara-mp.invalid/"
+# Keys that act only in the recording process: they never cross to a publisher.
+WORKER_ONLY_KEYS = ("before_send",)
 # Every millisecond setting is bounded: a huge value passes int checks and then
 # overflows a thread's wait (OverflowError) far from where it was set.
 _MAX_MS = 30 * 24 * 3600 * 1000
@@ -70,6 +84,13 @@ class Config:
     stats_interval: int = 60_000
     on_success: str | None = None
     on_failure: str | None = None
+    # Run in the recording process (record_event, publish_events), never in the publisher.
+    before_send: str | Callable[[dict[str, Any]], Any] | None = None
+    sample_rate: float = 1.0
+    disabled: bool = False
+    # The publisher serves Prometheus /metrics here (0: off; needs the prometheus extra).
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     # Extra HTTP headers for every POST (an Authorization for a proxy in front of the
     # API): as secret as the URL's credentials, never logged, shown or put on argv.
     headers: Mapping[str, str] | None = None
@@ -105,6 +126,8 @@ class Config:
                 values[name] = _from_env(name, env[env_name], field.type)
         if "compression" in values and values["compression"] is None:
             values["compression"] = "none"  # the original SDK's spelling of no compression
+        if ("url" not in values or values["url"] is None) and values.get("disabled") is True:
+            values["url"] = OFFLINE_URL  # a disabled client needs no url: it never sends
         if "url" not in values or values["url"] is None:
             raise InvalidConfiguration(
                 "url", f"missing: pass url=... or set {ENV_PREFIX}URL"
@@ -123,8 +146,24 @@ class Config:
         return new
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as a plain dict (what crosses to a publisher process)."""
-        return dataclasses.asdict(self)
+        """The settings as a plain, JSON-able dict (what crosses to another process).
+
+        A ``before_send`` given as a callable becomes its ``"module:function"``
+        path when importing that path gives the same function, else None (a
+        lambda, a nested function, one in ``__main__``): a callable cannot cross.
+        """
+        out = dataclasses.asdict(self)
+        if callable(out["before_send"]):
+            out["before_send"] = callable_path(out["before_send"])
+        return out
+
+    @property
+    def before_send_hook(self) -> Callable[[dict[str, Any]], Any] | None:
+        """``before_send`` as a callable (a string resolved), or None."""
+        value = self.before_send
+        if value is None or callable(value):
+            return value
+        return resolve_callable("before_send", value)
 
     # Derived values, converted once.
     @property
@@ -229,9 +268,31 @@ class Config:
             if value is not None:
                 # Resolved here, where the mistake is made: a path the publisher cannot
                 # import would otherwise fail every publisher's start.
-                from .hooks import resolve_hook
-
-                resolve_hook(name, value)
+                resolve_callable(name, value)
+        if self.before_send is not None:
+            if isinstance(self.before_send, str):
+                resolve_callable("before_send", self.before_send)  # importable now, or refused now
+            elif not callable(self.before_send):
+                raise InvalidConfiguration(
+                    "before_send",
+                    f"must be a callable or a 'module:function' string, not {self.before_send!r}",
+                )
+        rate = self.sample_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+            raise InvalidConfiguration("sample_rate", f"must be a number from 0.0 to 1.0, not {rate!r}")
+        if not 0.0 <= rate <= 1.0:
+            raise InvalidConfiguration("sample_rate", f"must be from 0.0 to 1.0, not {rate}")
+        if not isinstance(self.disabled, bool):
+            raise InvalidConfiguration("disabled", f"must be True or False, not {self.disabled!r}")
+        _check_int("metrics_port", self.metrics_port, minimum=0)
+        if self.metrics_port > 65535:
+            raise InvalidConfiguration("metrics_port", f"{self.metrics_port} is not a TCP port (0-65535)")
+        if not isinstance(self.metrics_host, str) or not self.metrics_host:
+            raise InvalidConfiguration("metrics_host", "must be a non-empty host name or address")
+        if self.metrics_port and importlib.util.find_spec("prometheus_client") is None:
+            raise InvalidConfiguration(
+                "metrics_port", "needs prometheus_client: pip install 'samsara-mp[prometheus]'"
+            )
         for name in ("runtime_dir", "spool_dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -247,6 +308,16 @@ def export_to_env(values: Mapping[str, Any]) -> None:
     """
     for key, value in values.items():
         name = ENV_PREFIX + _env_suffix(key)
+        if callable(value):
+            path = callable_path(value)
+            if path is None:
+                log.warning(
+                    "samsara_mp: %s is a callable that other processes cannot import; processes "
+                    "started by spawn, forkserver or a subprocess will not run it: pass a "
+                    "'module:function' string", key,
+                )
+                continue
+            value = path
         if value is None:
             os.environ.pop(name, None)
         elif isinstance(value, bool):
@@ -255,6 +326,40 @@ def export_to_env(values: Mapping[str, Any]) -> None:
             os.environ[name] = json.dumps(dict(value))
         else:
             os.environ[name] = str(value)
+
+
+def resolve_callable(key: str, path: str) -> Callable[..., Any]:
+    """Import ``module:function`` (or ``module.function``); ``InvalidConfiguration`` naming
+    ``key`` when it is not importable or not callable."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise InvalidConfiguration(key, f"{path!r} is not an importable 'module:function' path")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidConfiguration(key, f"cannot import {path!r}: {exc}") from exc
+    if not callable(target):
+        raise InvalidConfiguration(key, f"{path!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def callable_path(fn: Callable[..., Any]) -> str | None:
+    """``"module:qualname"`` of ``fn`` when importing it gives ``fn`` back, else None."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__" \
+            or "<" in qualname:
+        return None
+    path = f"{module}:{qualname}"
+    try:
+        found = resolve_callable("callable", path)
+    except InvalidConfiguration:
+        return None
+    return path if found is fn else None
 
 
 def redact_url(url: str) -> str:
@@ -354,10 +459,19 @@ def _parse_headers(name: str, raw: str) -> dict[str, str]:
     return value
 
 
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise InvalidConfiguration(name, f"environment value {raw!r} is not a number") from None
+
+
 def _from_env(name: str, raw: str, type_name: object) -> Any:
     if name == "headers":
         return _parse_headers(name, raw)
-    parsers: dict[str, Callable[[str, str], Any]] = {"bool": _parse_bool, "int": _parse_int}
+    parsers: dict[str, Callable[[str, str], Any]] = {
+        "bool": _parse_bool, "int": _parse_int, "float": _parse_float,
+    }
     parser = parsers.get(str(type_name))
     if parser is not None:
         return parser(name, raw)

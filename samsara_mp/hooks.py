@@ -7,13 +7,12 @@ raises is logged and otherwise ignored: it must not stop publishing.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidConfiguration
+from .config import resolve_callable
 
 if TYPE_CHECKING:
     from .delivery import Outcome
@@ -27,20 +26,7 @@ def resolve_hook(key: str, path: str | None) -> Callable[..., Any] | None:
     """Import ``module:function`` (or ``module.function``); ``InvalidConfiguration`` if absent."""
     if not path:
         return None
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise InvalidConfiguration(key, f"{path!r} is not an importable 'module:function' path")
-    try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidConfiguration(key, f"cannot import {path!r}: {exc}") from exc
-    if not callable(target):
-        raise InvalidConfiguration(key, f"{path!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    return resolve_callable(key, path)
 
 
 class OutcomeHooks:

@@ -14,11 +14,11 @@ import logging
 import os
 import time
 from multiprocessing import util as mp_util
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "ship_all", "close_all", "reset_after_fork", "register", "unregister", "Shippable",
-    "expect_owner", "owner_expected",
+    "expect_owner", "owner_expected", "capturing", "capture_sinks", "start_capture", "stop_capture",
 ]
 
 log = logging.getLogger("samsara_mp")
@@ -34,6 +34,7 @@ class Shippable(Protocol):
     def ship(self, timeout: float | None = None) -> bool: ...
     def close(self, timeout: float | None = None) -> bool: ...
     def after_fork_in_child(self) -> None: ...
+    def refresh_mode(self) -> None: ...
 
 
 _CLIENTS: set[Shippable] = set()
@@ -126,3 +127,35 @@ def expect_owner() -> None:
 def owner_expected() -> bool:
     """True in a process that said :func:`expect_owner` (not in its forked children)."""
     return _owner_pid == os.getpid()
+
+
+# The lists of active ``testing.capture_events()`` blocks: while any is, every
+# client of this process hands its events to them instead of staging them.
+_captures: list[list[dict[str, Any]]] = []
+
+
+def capturing() -> bool:
+    return bool(_captures)
+
+
+def capture_sinks() -> list[list[dict[str, Any]]]:
+    return _captures
+
+
+def start_capture(sink: list[dict[str, Any]]) -> None:
+    """Send every event any client of this process records to ``sink`` (see ``testing``)."""
+    _captures.append(sink)
+    _refresh_clients()
+
+
+def stop_capture(sink: list[dict[str, Any]]) -> None:
+    for i, active in enumerate(_captures):
+        if active is sink:
+            del _captures[i]
+            break
+    _refresh_clients()
+
+
+def _refresh_clients() -> None:
+    for client in list(_CLIENTS):
+        client.refresh_mode()

@@ -60,6 +60,23 @@ class PublisherProcess:
         self._started = time.time()
         self._server: Server | None = None
         self._restored = 0
+        self._metrics: Any = None  # the /metrics HTTP server, when metrics_port is set
+
+    def _start_metrics(self) -> None:
+        cfg = self.config
+        if not cfg.metrics_port:
+            return
+        from .metrics import serve
+
+        try:
+            self._metrics = serve(cfg.metrics_host, cfg.metrics_port, self.stats, self.channel.name)
+        except (OSError, ImportError) as exc:
+            # Publishing matters more than its metrics: serve on without them.
+            log.error("samsara_mp: cannot serve metrics on %s:%d: %s", cfg.metrics_host,
+                      cfg.metrics_port, exc)
+        else:
+            log.info("samsara_mp: Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host,
+                     cfg.metrics_port)
 
     def _release_gate(self) -> None:
         if self.gate is not None:
@@ -98,6 +115,7 @@ class PublisherProcess:
         self._server = server
         self._accept = self.supervisor.thread("samsara-mp-accept", server.serve_forever)
         self.loop.start()
+        self._start_metrics()
         self.channel.write_info(
             {"pid": os.getpid(), "started_at": self._started, "channel": self.channel.name,
              "url": redact_url(self.config.url), "owner_pid": self.owner_pid}
@@ -153,6 +171,9 @@ class PublisherProcess:
                     log.warning("samsara_mp: spooled %d undelivered events to %s", len(left), path)
         if self._server is not None:
             self._server.close()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
         # The last word on this publisher's accounting, for whoever reads its log.
         log.info("samsara_mp: final accounting %s", json.dumps(self._accounting()))
 
@@ -209,7 +230,6 @@ class PublisherProcess:
             url=redact_url(self.config.url),
         )
         return snap
-
 
     def _stale(self) -> bool:
         """Events have waited longer than three publish intervals and a request's timeout

@@ -160,6 +160,7 @@ class Shipper:
             push.sent = True
             try:
                 conn.call("push", push.payloads, self.client_id, push.seq, push.recorded, push.dropped,
+                          push.filtered, push.sampled_out,
                           timeout=self._bounded(self.config.ipc_timeout_s, deadline))
             except (IPCError, EOFError, OSError) as exc:
                 # The publisher may or may not have taken it: keep the push as
@@ -200,7 +201,8 @@ class Shipper:
             push.sent = True
             conn.timeout = INLINE_BUDGET
             try:
-                conn.send(("push", (push.payloads, self.client_id, push.seq, push.recorded, push.dropped)))
+                conn.send(("push", (push.payloads, self.client_id, push.seq, push.recorded, push.dropped,
+                                    push.filtered, push.sampled_out)))
             except (IPCError, OSError) as exc:
                 # A partial write leaves the stream unusable; resend on a new connection.
                 self.drop_connection()

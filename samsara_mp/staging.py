@@ -6,7 +6,9 @@ shipper takes pushes from the front. Staging is bounded in events
 either bound and counting them, so memory stays bounded while the publisher
 is unreachable, and the default bound still holds what a busy loop records
 while a cold channel's first publisher starts. It also keeps the counts not
-yet reported to the publisher, which travel with the next push.
+yet reported to the publisher (recorded, dropped, and the events
+``before_send`` filtered out or sampling left out), which travel with the
+next push.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ __all__ = ["Staging", "Push"]
 class Push:
     """A batch taken from staging, with the counts it reports; ``seq`` makes a resend idempotent."""
 
-    __slots__ = ("seq", "payloads", "recorded", "dropped", "sent")
+    __slots__ = ("seq", "payloads", "recorded", "dropped", "filtered", "sampled_out", "sent")
 
-    def __init__(self, seq: int, payloads: list[bytes], recorded: int, dropped: int) -> None:
+    def __init__(
+        self, seq: int, payloads: list[bytes], recorded: int, dropped: int,
+        filtered: int = 0, sampled_out: int = 0,
+    ) -> None:
         self.seq = seq
         self.payloads = payloads
         self.recorded = recorded
         self.dropped = dropped
+        self.filtered = filtered
+        self.sampled_out = sampled_out
         self.sent = False  # written at least once: the publisher may hold it
 
 
@@ -46,6 +53,11 @@ class Staging:
         self.dropped = 0  # dropped from staging in this process, ever
         self.unreported_recorded = 0
         self.unreported_dropped = 0
+        # Never staged, so never recorded: left out by before_send or by sampling.
+        self.filtered = 0
+        self.sampled_out = 0
+        self.unreported_filtered = 0
+        self.unreported_sampled_out = 0
         self.push_seq = 0
 
     def add(self, data: bytes) -> int:
@@ -64,6 +76,15 @@ class Staging:
                 n = len(events)
             return n
 
+    def note_left_out(self, filtered: int, sampled_out: int, report: bool = True) -> None:
+        """Count events ``record_event`` did not stage; ``report``: tell the publisher too."""
+        with self.lock:
+            self.filtered += filtered
+            self.sampled_out += sampled_out
+            if report:
+                self.unreported_filtered += filtered
+                self.unreported_sampled_out += sampled_out
+
     def _trim(self) -> None:
         events = self.events
         over = 0
@@ -79,8 +100,9 @@ class Staging:
         return len(self.events)
 
     def has_work(self) -> bool:
-        """Events or dropped counts wait to be reported."""
-        return bool(self.events) or bool(self.unreported_dropped)
+        """Events or counts wait to be reported."""
+        return bool(self.events or self.unreported_dropped or self.unreported_filtered
+                    or self.unreported_sampled_out)
 
     def take(self, max_bytes: int, min_events: int) -> Push | None:
         """The next push: the oldest events up to ``max_bytes`` (at least
@@ -88,7 +110,8 @@ class Staging:
         when there is nothing to report."""
         with self.lock:
             events = self.events
-            if not events and not self.unreported_dropped:
+            if not events and not (self.unreported_dropped or self.unreported_filtered
+                                   or self.unreported_sampled_out):
                 return None
             n = len(events)
             if n and self.nbytes > max_bytes:
@@ -105,10 +128,11 @@ class Staging:
             # Every event still staged is recorded but not yet reported.
             recorded = self.unreported_recorded - len(events)
             dropped = self.unreported_dropped
+            filtered, sampled_out = self.unreported_filtered, self.unreported_sampled_out
             self.unreported_recorded = len(events)
-            self.unreported_dropped = 0
+            self.unreported_dropped = self.unreported_filtered = self.unreported_sampled_out = 0
             self.push_seq += 1
-            return Push(self.push_seq, batch, recorded, dropped)
+            return Push(self.push_seq, batch, recorded, dropped, filtered, sampled_out)
 
     def put_back(self, push: Push) -> None:
         """Return a push that never left to the front of staging, keeping the bounds."""
@@ -120,6 +144,8 @@ class Staging:
             self.nbytes += sum(map(len, push.payloads))
             self.unreported_recorded += push.recorded
             self.unreported_dropped += push.dropped
+            self.unreported_filtered += push.filtered
+            self.unreported_sampled_out += push.sampled_out
             if self.push_seq == push.seq:
                 self.push_seq -= 1
             if len(events) > self.max_events or self.nbytes > self.max_bytes:

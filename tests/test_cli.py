@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from samsara_mp import SamsaraClient
+from samsara_mp import Publisher, SamsaraClient
 from samsara_mp.channel import Channel
 from samsara_mp.config import Config
 from samsara_mp.ingest import IngestServer
@@ -167,10 +167,39 @@ def test_status_without_a_publisher_exits_3(runtime_dir: str) -> None:
     assert "nobody-home" in result.stderr
 
 
-def test_status_without_url_or_channel_is_a_usage_error() -> None:
-    result = cli("status")
-    assert result.returncode == 2
-    assert "--channel" in result.stderr
+def test_status_without_a_channel_and_no_channels_exits_3(runtime_dir: str) -> None:
+    result = cli("status", "--runtime-dir", runtime_dir)
+    assert result.returncode == 3
+    assert f"no channels under {runtime_dir}" in result.stdout
+
+
+def test_status_without_a_channel_lists_every_running_channel(
+    server: IngestServer, runtime_dir: str
+) -> None:
+    settings = {"url": server.url, "runtime_dir": runtime_dir, "publish_interval": 100,
+                "min_buffer_size": 1, "send_client_stats": False}
+    with Publisher(**settings, channel="list-a") as a, Publisher(**settings, channel="list-b") as b:
+        with SamsaraClient(**settings, channel="list-a", sourceId="s",
+                           start_publishing_thread=False) as client:
+            client.record_event(eventName="listed")
+            assert client.flush(timeout=20)
+        # A channel directory whose publisher is gone is listed as such.
+        Channel(Config.build(env={}, url=server.url, channel="list-gone",
+                             runtime_dir=runtime_dir)).ensure_dir()
+        table = cli("status", "--runtime-dir", runtime_dir)
+        as_json = cli("status", "--runtime-dir", runtime_dir, "--json")
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[2:]}
+    assert set(rows) == {"list-a", "list-b", "list-gone"}, table.stdout
+    assert rows["list-a"].split()[1] == str(a.pid) and rows["list-b"].split()[1] == str(b.pid)
+    assert rows["list-a"].endswith("alive") and "ago" in rows["list-a"]  # its last success
+    assert "never" in rows["list-b"] and "no publisher answers" in rows["list-gone"]
+    assert as_json.returncode == 0, as_json.stderr
+    listed = {ch["channel"]: ch for ch in json.loads(as_json.stdout)["channels"]}
+    assert listed["list-a"]["publisher_pid"] == a.pid and listed["list-b"]["publisher_pid"] == b.pid
+    assert listed["list-a"]["loop_alive"] is True and listed["list-a"]["stats"]["delivered"] == 1
+    assert listed["list-a"]["buffered"] == 0 and listed["list-b"]["last_success_at"] is None
+    assert listed["list-gone"]["running"] is False
 
 
 # --------------------------------------------------------------- publisher

@@ -20,3 +20,20 @@ def record_with_inherited(client: SamsaraClient, worker: int, count: int) -> Non
     """Use a client created in the parent before fork."""
     for seq in range(count):
         client.record_event(eventName="test.event", sourceId=f"w{worker}", seq=seq, worker=worker)
+
+
+def drop_secrets(event: dict[str, Any]) -> dict[str, Any] | None:
+    """A before_send for the Pool test: removes ``password``, drops ``debug.*`` events."""
+    if event["eventName"].startswith("debug."):
+        return None
+    event.pop("password", None)
+    return event
+
+
+def record_login(n: int) -> int:
+    """A Pool task: one event with a password, one debug event, through get_client()."""
+    from samsara_mp import get_client
+
+    get_client().record_event(eventName="user.login", n=n, password=f"secret-{n}")
+    get_client().record_event(eventName="debug.noise", n=n)
+    return n

@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import process
 from ..client import reset_after_fork, ship_all
-from ..config import ENV_PREFIX, Config, export_to_env
+from ..config import ENV_PREFIX, Config, callable_path, export_to_env
 from ..errors import ChannelError, ChannelTaken, InvalidConfiguration
 from ..ipc import IPCError
 from ..publisher import Publisher
@@ -73,6 +73,12 @@ def configure(**config: Any) -> None:
             raise InvalidConfiguration(key, "unknown configuration key")
     given = {k: v for k, v in config.items() if v is not None}
     Config.build(**({"url": os.environ.get(ENV_PREFIX + "URL", _PLACEHOLDER_URL)} | given))
+    hook = config.get("before_send")
+    if callable(hook) and callable_path(hook) is None:
+        # Workers build their configuration from the environment: it would be lost there.
+        raise InvalidConfiguration(
+            "before_send", "the workers cannot import this callable; give a 'module:function' string"
+        )
     export_to_env(config)
     _exit_timeout = None
 

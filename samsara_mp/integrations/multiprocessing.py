@@ -82,7 +82,14 @@ def initializer_args(
     """
     cfg = Config.build(**config)
     timeout = cfg.exit_timeout_s if term_timeout is None else float(term_timeout)
-    return pool_initializer, (cfg.to_dict(), timeout, initializer, tuple(initargs))
+    return pool_initializer, (_worker_config(cfg), timeout, initializer, tuple(initargs))
+
+
+def _worker_config(cfg: Config) -> dict[str, Any]:
+    """The settings a Pool worker gets, ``before_send`` as given: a callable is
+    pickled by reference for spawn (a lambda then fails loudly at the Pool's
+    start) rather than lost, which would send the workers' events unfiltered."""
+    return dict(cfg.to_dict(), before_send=cfg.before_send)
 
 
 class _ShipOnTerm:
@@ -247,7 +254,7 @@ class PoolPublisher:
         self, initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = ()
     ) -> tuple[Callable[..., None], tuple[Any, ...]]:
         """``(initializer, initargs)`` giving each worker a client of this channel."""
-        args = (self.config.to_dict(), self.term_timeout, initializer, tuple(initargs))
+        args = (_worker_config(self.config), self.term_timeout, initializer, tuple(initargs))
         return pool_initializer, args
 
     def pool_kwargs(
