@@ -102,6 +102,25 @@ def _base_dir(configured: str | None) -> Path:
     return Path(tempfile.gettempdir()) / f"samsara_mp-{os.geteuid()}"
 
 
+def _real_dir(path: Path, what: str) -> os.stat_result:
+    """``lstat`` of ``path``; ``ChannelError`` unless it is a directory and no symlink."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise ChannelError(f"{what} {path} is a symlink; refusing it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ChannelError(f"{what} {path} is not a directory")
+    return st
+
+
+def _refuse_foreign(path: Path, what: str, st: os.stat_result, open_bits: int, rule: str) -> None:
+    if st.st_uid != os.geteuid():
+        raise ChannelError(
+            f"{what} {path} is owned by uid {st.st_uid}, not {os.geteuid()}; refusing it"
+        )
+    if st.st_mode & open_bits:
+        raise ChannelError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):o}; {rule}")
+
+
 def ensure_private_dir(path: Path, what: str = "runtime directory") -> None:
     """Create ``path`` 0700 if absent; refuse it (``ChannelError`` naming it) unless it is
     a real directory (no symlink), ours, and closed to group and others."""
@@ -111,20 +130,8 @@ def ensure_private_dir(path: Path, what: str = "runtime directory") -> None:
         pass
     except OSError as exc:
         raise ChannelError(f"cannot create {what} {path}: {exc}") from exc
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise ChannelError(f"{what} {path} is a symlink; refusing it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise ChannelError(f"{what} {path} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise ChannelError(
-            f"{what} {path} is owned by uid {st.st_uid}, not {os.geteuid()}; refusing it"
-        )
-    if st.st_mode & 0o077:
-        raise ChannelError(
-            f"{what} {path} has mode {stat.S_IMODE(st.st_mode):o}; "
-            "it must not be open to group or others (0700)"
-        )
+    st = _real_dir(path, what)
+    _refuse_foreign(path, what, st, 0o077, "it must not be open to group or others (0700)")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ChannelError(f"{what} {path} is not writable")
 
@@ -137,21 +144,10 @@ def _check_configured_base(path: Path) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ChannelError(f"cannot create runtime directory {path}: {exc}") from exc
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise ChannelError(f"runtime directory {path} is a symlink; refusing it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise ChannelError(f"runtime directory {path} is not a directory")
-    sticky = bool(st.st_mode & stat.S_ISVTX)
-    if not sticky and st.st_uid != os.geteuid():
-        raise ChannelError(
-            f"runtime directory {path} is owned by uid {st.st_uid}, not {os.geteuid()}; refusing it"
-        )
-    if not sticky and st.st_mode & 0o022:
-        raise ChannelError(
-            f"runtime directory {path} has mode {stat.S_IMODE(st.st_mode):o}; "
-            "it must not be writable by group or others"
-        )
+    st = _real_dir(path, "runtime directory")
+    if not st.st_mode & stat.S_ISVTX:  # sticky (/tmp): others cannot move our entries
+        _refuse_foreign(path, "runtime directory", st, 0o022,
+                        "it must not be writable by group or others")
 
 
 class Channel:
