@@ -518,9 +518,10 @@ class SegmentSpool:
             if self._off < seg.size:
                 return
             if self._fd is not None and seg is self.segments[-1]:
-                if seg.size < self.segment_bytes // 2:
-                    return  # the one being written: appends go on
-                self._roll()  # read to its end and big: start a fresh one
+                # The one being written, read to its end: delivered events must not stay
+                # on disk (a next publisher would send them again), so the next append
+                # starts a fresh segment.
+                self._roll()
             self.segments.pop(0)
             self._presettled = {p for p in self._presettled if p[0] != seg.index}
             _unlink(seg.path)
