@@ -202,7 +202,7 @@ class SharedBuffer:
         delivered or rejected after all: move it to that count."""
         c = self.counters
         setattr(c, outcome, getattr(c, outcome) + 1)
-        for first, n, how, runs in self._gone:
+        for first, n, how, runs in self._gone:  # noqa: B007 - the match is used below
             if first <= seq < first + n:
                 break
         else:
@@ -372,13 +372,13 @@ class SharedBuffer:
         """The oldest events of the outage spool (older than anything in the ring)."""
         with self._lock:
             assert self.spool is not None
-            payloads, positions, inherited = self.spool.peek(max_count, max_bytes)
+            payloads, positions, inherited, ends = self.spool.peek(max_count, max_bytes)
             self._take_lost()
             self.spool.in_flight = bool(payloads)
             if not payloads:
                 self.spool.advance()
             return Batch(self._head_seq, payloads, full=len(payloads) >= max_count,
-                         positions=tuple(positions), inherited=tuple(inherited))
+                         positions=tuple(positions), inherited=tuple(inherited), ends=ends)
 
     def _take_lost(self) -> None:
         assert self.spool is not None
@@ -406,7 +406,7 @@ class SharedBuffer:
                     c.inherited += 1
                 c.restored += 1
                 setattr(c, how, getattr(c, how) + 1)
-            self.spool.advance()
+            self.spool.advance(batch.ends)
             self._take_lost()
             self._changed.notify_all()
 

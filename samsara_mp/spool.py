@@ -227,9 +227,38 @@ class SegmentSpool:
                 _unlink(s.path)
         if found:
             self._next_index = found[-1].index + 1
+        self._load_cursor()
         if self.segments:
             log.info("samsara_mp: resuming an outage spool of %d segments (%d bytes) in %s",
                      len(self.segments), self.nbytes, self.dir)
+
+    # ---- the cursor: how far the head segment was delivered, so a next publisher
+    # does not send it again (written on every move, renamed into place; not fsynced:
+    # a cursor lost to a power cut only means duplicates) ----
+    def _load_cursor(self) -> None:
+        path = self.dir / "cursor"
+        try:
+            index, rec, off = (int(x) for x in path.read_text().split())
+        except (OSError, ValueError):
+            return
+        if self.segments and self.segments[0].index == index and 0 <= off <= self.segments[0].size:
+            self._rec, self._off = rec, off
+            log.info("samsara_mp: outage spool resumes at record %d of %s (delivered before)",
+                     rec, self.segments[0].path.name)
+
+    def _save_cursor(self) -> None:
+        path = self.dir / "cursor"
+        if not self.segments or not self._off:
+            _unlink(path)
+            return
+        tmp = self.dir / ".cursor"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{self.segments[0].index} {self._rec} {self._off}\n")
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk: the next publisher may resend some events
+            log.warning("samsara_mp: cannot save the outage spool's cursor: %s", exc)
 
     @property
     def nbytes(self) -> int:
@@ -275,7 +304,6 @@ class SegmentSpool:
             evicted_own += o
             evicted_inh += i
         runs: list[tuple[int, int, int]] = []
-        start = 0
         try:
             self._append_frames(frames, runs)
         except OSError as exc:
@@ -386,6 +414,7 @@ class SegmentSpool:
         self.evicted_segments += 1
         if first:
             self._rec = self._off = 0
+            self._save_cursor()
         log.warning("samsara_mp: outage spool past spool_max_bytes %d: dropped segment %s "
                     "(%d events)", self.max_bytes, seg.path.name, max(left, 0))
         return (max(left, 0), 0) if seg.own else (0, max(left, 0))
@@ -465,30 +494,34 @@ class SegmentSpool:
         if self._fd is not None and seg is self.segments[-1]:
             self._roll()  # never append after a damaged spot
 
-    def peek(self, max_count: int, max_bytes: int) -> tuple[list[bytes], list[Position], list[bool]]:
-        """The oldest unsettled records: payloads, positions, and whether each is inherited."""
+    def peek(self, max_count: int, max_bytes: int
+             ) -> tuple[list[bytes], list[Position], list[bool], dict[Position, int]]:
+        """The oldest unsettled records: payloads, positions, whether each is inherited,
+        and where each ends (for :meth:`advance`)."""
         payloads: list[bytes] = []
         positions: list[Position] = []
         inherited: list[bool] = []
+        ends: dict[Position, int] = {}
         taken = 0
         for i, seg in enumerate(list(self.segments)):
             rec = self._rec if i == 0 else 0
             off = self._off if i == 0 else 0
-            for payload, _end in self._frames(seg, off, max_count - len(payloads) + len(self._presettled),
-                                              max(max_bytes - taken, 1)):
+            budget = max_count - len(payloads) + len(self._presettled)
+            for payload, end in self._frames(seg, off, budget, max(max_bytes - taken, 1)):
                 pos = (seg.index, rec)
                 rec += 1
+                ends[pos] = end
                 if pos in self._presettled:
                     continue
                 if payloads and taken + len(payload) > max_bytes:
-                    return payloads, positions, inherited
+                    return payloads, positions, inherited, ends
                 payloads.append(payload)
                 positions.append(pos)
                 inherited.append(not seg.own)
                 taken += len(payload)
                 if len(payloads) >= max_count or taken >= max_bytes:
-                    return payloads, positions, inherited
-        return payloads, positions, inherited
+                    return payloads, positions, inherited, ends
+        return payloads, positions, inherited, ends
 
     def presettle(self, pos: Position) -> bool:
         """Record ``pos`` as settled; False when its segment is gone (evicted)."""
@@ -498,6 +531,13 @@ class SegmentSpool:
         return True
 
     def advance(self, ends: dict[Position, int] | None = None) -> None:
+        """Move the cursor over settled records (see :meth:`_advance`) and save it."""
+        before = (self.segments[0].index if self.segments else -1, self._off)
+        self._advance(ends)
+        if (self.segments[0].index if self.segments else -1, self._off) != before:
+            self._save_cursor()
+
+    def _advance(self, ends: dict[Position, int] | None = None) -> None:
         """Move the cursor over settled records; delete segments read to their end.
 
         ``ends`` gives the end offsets of records just peeked; others are found
@@ -528,6 +568,16 @@ class SegmentSpool:
             self._rec = self._off = 0
 
     def _end_of(self, seg: _Segment, off: int) -> int | None:
-        for _payload, end in self._frames(seg, off, 1, 1):
-            return end
-        return None
+        """Where the record at ``off`` ends, from its header (it was checked when read)."""
+        try:
+            fd = os.open(seg.path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                head = os.pread(fd, _FRAME.size, off)
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+        if len(head) < _FRAME.size:
+            return None
+        end = off + _FRAME.size + _FRAME.unpack(head)[0]
+        return end if end <= seg.size else None

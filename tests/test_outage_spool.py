@@ -26,10 +26,12 @@ from conftest import wait_until
 from workers import record_many
 
 from samsara_mp import Publisher, SamsaraClient
+from samsara_mp.buffer import Batch, SharedBuffer
 from samsara_mp.cli import format_stats
-from samsara_mp.errors import InvalidConfiguration
 from samsara_mp.config import Config
+from samsara_mp.errors import InvalidConfiguration
 from samsara_mp.ingest import IngestServer
+from samsara_mp.spool import SegmentSpool
 
 FRAME = struct.Struct("<II")
 
@@ -271,3 +273,44 @@ def test_overflow_and_spool_max_bytes_are_validated_by_name() -> None:
         with pytest.raises(InvalidConfiguration) as info:
             Config.build(url="http://x", env={}, **{key: value})
         assert info.value.key == key
+
+
+def test_a_next_publisher_resumes_after_what_was_delivered_and_events_in_flight_are_not_resent(
+    tmp_path: Path,
+) -> None:
+    """The spool and the buffer in this process, on real files: the cursor saved at each
+    delivery lets a restart skip what was delivered; a batch in flight whose events
+    overflow moved to disk meanwhile is not sent again from the disk."""
+    def events(a: int, b: int) -> list[bytes]:
+        return [json.dumps({"seq": i}).encode() for i in range(a, b)]
+
+    def seqs(batch: Batch) -> list[int]:
+        return [json.loads(p)["seq"] for p in batch.payloads]
+
+    spool = SegmentSpool(tmp_path / "outage", 1 << 20)
+    spool.open()
+    buf = SharedBuffer(100, spool=spool, overflow="spool")
+    buf.push(events(0, 100))
+    in_flight = buf.peek(50, 1 << 20)  # 0..49 sent...
+    buf.push(events(100, 1_100))  # ...while overflow moves 0..999 to disk
+    buf.commit(in_flight, range(50), [])  # 0..49 delivered after all
+    got = seqs(in_flight)
+    batch = buf.peek_spool(300, 1 << 20)
+    assert seqs(batch)[0] == 50  # not 0: those are settled
+    buf.commit(batch, range(len(batch.payloads)), [])
+    got += seqs(batch)
+    s = buf.snapshot()
+    assert _invariant(s) == 0 and s["spooled"] == 1_000 and s["restored"] == 350
+    buf.close_spool()
+    # A next publisher (a new spool on the same directory) starts after what was delivered.
+    again = SegmentSpool(tmp_path / "outage", 1 << 20)
+    again.open()
+    buf2 = SharedBuffer(100, spool=again, overflow="spool")
+    while buf2.spool_pending():
+        batch = buf2.peek_spool(300, 1 << 20)
+        buf2.commit(batch, range(len(batch.payloads)), [])
+        got += seqs(batch)
+    assert got == list(range(1_000))
+    s = buf2.snapshot()
+    assert s["spool_inherited"] == s["restored"] == s["recorded"] == 650 and _invariant(s) == 0
+    assert not list((tmp_path / "outage").glob("seg-*"))
