@@ -391,21 +391,20 @@ class SharedBuffer:
         with self._lock:
             c = self.counters
             self.spool.in_flight = False
-            for i, pos in enumerate(batch.positions):
-                if i in delivered:
-                    how = "delivered"
-                elif i in rejected:
-                    how = "rejected"
-                else:
-                    continue
-                if not self.spool.presettle(pos):
+            settled = sorted(delivered | rejected)
+            on_disk = self.spool.settle_many([batch.positions[i] for i in settled])
+            for i, ok in zip(settled, on_disk, strict=True):
+                if not ok:
                     continue  # evicted while in flight (not expected: its segment was kept)
                 if batch.inherited[i]:
                     c.recorded += 1
                     c.spooled += 1
                     c.inherited += 1
                 c.restored += 1
-                setattr(c, how, getattr(c, how) + 1)
+                if i in delivered:
+                    c.delivered += 1
+                else:
+                    c.rejected += 1
             self.spool.advance(batch.ends)
             self._take_lost()
             self._changed.notify_all()

@@ -523,6 +523,13 @@ class SegmentSpool:
                     return payloads, positions, inherited, ends
         return payloads, positions, inherited, ends
 
+    def settle_many(self, positions: list[Position]) -> list[bool]:
+        """:meth:`presettle` for many; whether each was still on disk."""
+        live = {s.index for s in self.segments}
+        ok = [p[0] in live for p in positions]
+        self._presettled.update(p for p, k in zip(positions, ok, strict=True) if k)
+        return ok
+
     def presettle(self, pos: Position) -> bool:
         """Record ``pos`` as settled; False when its segment is gone (evicted)."""
         if not any(s.index == pos[0] for s in self.segments):
