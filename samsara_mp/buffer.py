@@ -164,6 +164,24 @@ class SharedBuffer:
             c.dropped_spool += n  # a write failed a moment ago: drop-oldest meanwhile
             self._gone.append((first, n, "dropped_spool", []))
             return
+        # More than the whole bound at once: the newest of them are kept.
+        fit, room = len(taken), self.spool.max_bytes
+        while fit and room - len(taken[fit - 1]) - 8 >= 0:
+            fit -= 1
+            room -= len(taken[fit]) + 8
+        if fit:
+            c.dropped_spool += fit
+            self._gone.append((first, fit, "dropped_spool", []))
+            taken = taken[fit:]
+            first += fit
+            n -= fit
+            if now - self._spool_error_logged >= 10.0:
+                self._spool_error_logged = now
+                log.warning("samsara_mp: %d events overflowed at once, more than spool_max_bytes "
+                            "%d; dropped the oldest %d, counted as dropped_spool",
+                            fit + n, self.spool.max_bytes, fit)
+            if not taken:
+                return
         try:
             runs, evicted_own, evicted_inherited, error = self.spool.append(taken)
         except SpoolFull as exc:
@@ -374,7 +392,6 @@ class SharedBuffer:
             assert self.spool is not None
             payloads, positions, inherited, ends = self.spool.peek(max_count, max_bytes)
             self._take_lost()
-            self.spool.in_flight = bool(payloads)
             if not payloads:
                 self.spool.advance()
             return Batch(self._head_seq, payloads, full=len(payloads) >= max_count,
@@ -390,13 +407,18 @@ class SharedBuffer:
         assert self.spool is not None and batch.positions is not None
         with self._lock:
             c = self.counters
-            self.spool.in_flight = False
             settled = sorted(delivered | rejected)
             on_disk = self.spool.settle_many([batch.positions[i] for i in settled])
             for i, ok in zip(settled, on_disk, strict=True):
                 if not ok:
-                    continue  # evicted while in flight (not expected: its segment was kept)
-                if batch.inherited[i]:
+                    # Its segment was evicted while the batch was in flight and its events
+                    # counted as dropped_spool (and, an earlier publisher's, as recorded):
+                    # they arrived after all.
+                    c.dropped_spool -= 1
+                    c.spooled += 1
+                    if batch.inherited[i]:
+                        c.inherited += 1
+                elif batch.inherited[i]:
                     c.recorded += 1
                     c.spooled += 1
                     c.inherited += 1

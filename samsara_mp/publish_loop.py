@@ -170,8 +170,6 @@ class PublishLoop:
         only peeked, so its events are still buffered and are sent again."""
         self._next = None
         self._behind = False
-        if self.buffer.spool is not None:
-            self.buffer.spool.in_flight = False
         if self._owns_transport and self._transport is not None:
             transport, self._transport = self._transport, None
             transport.close()

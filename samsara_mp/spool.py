@@ -195,7 +195,6 @@ class SegmentSpool:
         self._rec = 0
         self._off = 0
         self._presettled: set[Position] = set()
-        self.in_flight = False  # a batch peeked from the head segment awaits its commit
         self.corrupt = 0  # damaged spans skipped
         self.corrupt_bytes = 0
         self.evicted_segments = 0
@@ -295,11 +294,13 @@ class SegmentSpool:
         """
         frames = [_FRAME.pack(len(p), zlib.crc32(p)) + p for p in payloads]
         need = sum(map(len, frames))
+        if need > self.max_bytes:
+            raise SpoolFull(f"{need} bytes at once are more than spool_max_bytes {self.max_bytes}")
         evicted_own = evicted_inh = 0
         while self.nbytes + need > self.max_bytes:
             victim = self._evictable()
-            if victim is None:
-                raise SpoolFull(f"{need} bytes do not fit spool_max_bytes {self.max_bytes}")
+            if victim is None:  # not reached: with no segment left, need fits
+                break
             o, i = self._evict(victim)
             evicted_own += o
             evicted_inh += i
@@ -384,13 +385,13 @@ class SegmentSpool:
 
     # ---- eviction (the bound) ----
     def _evictable(self) -> _Segment | None:
-        for i, seg in enumerate(self.segments):
+        # The oldest first, even when a batch read from it awaits its answer (the
+        # buffer moves such events back from dropped_spool if they are delivered).
+        for seg in self.segments:
             if seg.own and self._fd is not None and seg is self.segments[-1]:
                 continue  # the one being written
-            if i == 0 and self.in_flight:
-                continue  # a batch read from it awaits its answer
             return seg
-        if self.segments and self._fd is not None and not (len(self.segments) == 1 and self.in_flight):
+        if self.segments and self._fd is not None:
             self._roll()  # let the written one go too: the bound comes first
             return self._evictable()
         return None
