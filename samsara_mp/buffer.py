@@ -5,10 +5,17 @@ publish loop peeks a batch from its head, sends it, and commits the outcome.
 Events leave only when delivered, rejected by the API, or dropped as the
 oldest on overflow, and each way out is counted, so that at a quiet moment
 ``recorded = delivered + dropped_overflow + rejected + buffered + staged``.
+
+With an outage spool (``overflow="spool"``) the oldest events move to disk
+instead of being dropped, and the invariant gains the spool's terms:
+``... + (spooled - restored) + dropped_spool``: ``spooled - restored`` is what
+is on disk now. Events an earlier publisher left on disk are counted here as
+recorded, spooled and restored (or dropped_spool) when they are read back.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from bisect import bisect_right
@@ -16,7 +23,12 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .spool import Position, SegmentSpool
+
+log = logging.getLogger("samsara_mp")
 
 __all__ = ["SharedBuffer", "Batch", "Counters", "MAX_REMEMBERED_CLIENTS"]
 
@@ -36,8 +48,11 @@ class Counters:
     dropped_staging: int = 0
     rejected: int = 0
     duplicate_pushes: int = 0
-    spooled: int = 0
-    dropped_spool: int = 0  # taken out to be spooled, but the spool could not be written
+    spooled: int = 0  # on disk or read back (eviction moves events to dropped_spool)
+    restored: int = 0  # read back from disk into a batch that was settled, or into the buffer
+    inherited: int = 0  # of spooled: left on disk by an earlier publisher (also recorded)
+    dropped_spool: int = 0  # meant for disk, but the spool could not take or keep them
+    spool_errors: int = 0  # failed spool writes (ENOSPC, EFBIG, EIO...)
     pushes: int = 0
     # Reported by workers: never recorded (left out before staging), counted apart.
     filtered: int = 0
@@ -51,6 +66,11 @@ class Batch:
     first_seq: int
     payloads: list[bytes]
     full: bool = False  # stopped at the count or byte budget, not at the buffer's end
+    # A batch from the outage spool: where each event is on disk, and which an
+    # earlier publisher wrote.
+    positions: tuple[Position, ...] | None = None
+    inherited: tuple[bool, ...] = ()
+    ends: dict[Position, int] | None = None
 
     @property
     def raw_bytes(self) -> int:
@@ -60,8 +80,18 @@ class Batch:
 class SharedBuffer:
     """Bounded, drop-oldest ring with sequence numbers and peek/commit."""
 
-    def __init__(self, max_size: int, clock: Any = time.monotonic) -> None:
+    def __init__(self, max_size: int, clock: Any = time.monotonic,
+                 spool: SegmentSpool | None = None, overflow: str = "drop") -> None:
         self._max = max_size
+        # Read whenever present (an earlier publisher may have left segments);
+        # written on overflow only with overflow="spool".
+        self.spool = spool
+        self._spill = overflow == "spool" and spool is not None
+        # Head removals by overflow, to settle a batch in flight whose events left
+        # the ring meanwhile: (first seq, count, how, [(segment, first record, count)]).
+        self._gone: list[tuple[int, int, str, list[tuple[int, int, int]]]] = []
+        self._spool_off_until = 0.0
+        self._spool_error_logged = 0.0
         self._ring: deque[bytes] = deque()
         self._bytes = 0
         self._head_seq = 0  # seq of self._ring[0]
@@ -117,9 +147,107 @@ class SharedBuffer:
             self._bytes += sum(map(len, payloads))
             dropped = len(self._ring) - self._max
             if dropped > 0:
-                self._drop_head(dropped)
+                if self._spill:
+                    self._spill_head(dropped)
+                else:
+                    self._drop_head(dropped)
             self._changed.notify_all()
             return max(dropped, 0)
+
+    def _spill_head(self, n: int) -> None:
+        """overflow="spool": move the ``n`` oldest to the outage spool (under the lock)."""
+        from .spool import SpoolFull
+
+        assert self.spool is not None
+        ring = self._ring
+        taken = [ring.popleft() for _ in range(n)]
+        self._bytes -= sum(map(len, taken))
+        first = self._head_seq
+        self._head_seq += n
+        self._oldest_since = self._clock() if ring else None
+        c = self.counters
+        now = self._clock()
+        if now < self._spool_off_until:
+            c.dropped_spool += n  # a write failed a moment ago: drop-oldest meanwhile
+            self._gone.append((first, n, "dropped_spool", []))
+            return
+        # More than the whole bound at once: the newest of them are kept.
+        fit, room = len(taken), self.spool.max_bytes
+        while fit and room - len(taken[fit - 1]) - 8 >= 0:
+            fit -= 1
+            room -= len(taken[fit]) + 8
+        if fit:
+            c.dropped_spool += fit
+            self._gone.append((first, fit, "dropped_spool", []))
+            taken = taken[fit:]
+            first += fit
+            n -= fit
+            if now - self._spool_error_logged >= 10.0:
+                self._spool_error_logged = now
+                log.warning("samsara_mp: %d events overflowed at once, more than spool_max_bytes "
+                            "%d; dropped the oldest %d, counted as dropped_spool",
+                            fit + n, self.spool.max_bytes, fit)
+            if not taken:
+                return
+        try:
+            runs, evicted_own, evicted_inherited, error = self.spool.append(taken)
+        except SpoolFull as exc:
+            c.dropped_spool += n
+            self._gone.append((first, n, "dropped_spool", []))
+            if now - self._spool_error_logged >= 10.0:
+                self._spool_error_logged = now
+                log.warning("samsara_mp: outage spool full (%s); dropped %d events, counted as "
+                            "dropped_spool", exc, n)
+            return
+        written = sum(r[2] for r in runs)
+        c.spooled += written
+        if written:
+            self._gone.append((first, written, "spooled", runs))
+        self._account_evicted(evicted_own, evicted_inherited)
+        if error is not None:
+            lost = n - written
+            c.dropped_spool += lost
+            c.spool_errors += 1
+            self._gone.append((first + written, lost, "dropped_spool", []))
+            self._spool_off_until = now + 1.0  # tried again in a second, not at every push
+            if now - self._spool_error_logged >= 10.0:
+                self._spool_error_logged = now
+                log.error("samsara_mp: cannot write the outage spool in %s (%s); dropping the "
+                          "oldest events instead (%d now), counted as dropped_spool",
+                          self.spool.dir, error, lost)
+
+    def _account_evicted(self, own: int, inherited: int) -> None:
+        c = self.counters
+        c.spooled -= own
+        c.dropped_spool += own + inherited
+        c.recorded += inherited  # never counted here before: an earlier publisher's
+
+    def _settle_gone(self, seq: int, outcome: str) -> None:
+        """An event that overflow took out of the ring while its batch was in flight was
+        delivered or rejected after all: move it to that count."""
+        c = self.counters
+        setattr(c, outcome, getattr(c, outcome) + 1)
+        for first, n, how, runs in self._gone:  # noqa: B007 - the match is used below
+            if first <= seq < first + n:
+                break
+        else:
+            c.dropped_overflow -= 1
+            return
+        if how == "dropped_spool":
+            c.dropped_spool -= 1
+            return
+        k = seq - first
+        for index, rec, count in runs:
+            if k < count:
+                assert self.spool is not None
+                if self.spool.presettle((index, rec + k)):
+                    c.restored += 1  # it will not be read back: settled already
+                else:
+                    c.dropped_spool -= 1  # its segment was evicted and counted so
+                    c.spooled += 1
+                    c.restored += 1
+                return
+            k -= count
 
     def _drop_head(self, n: int) -> None:
         ring = self._ring
@@ -193,6 +321,12 @@ class SharedBuffer:
         delivered = set(delivered)
         rejected = set(rejected)
         settled = delivered | rejected
+        if batch.positions is not None:
+            self._commit_spool(batch, delivered, rejected)
+            return
+        with self._lock:
+            # Earlier batches are settled: what overflow took before this one is no longer needed.
+            self._gone = [g for g in self._gone if g[0] + g[1] > batch.first_seq]
         if not settled:
             return
         n = len(batch.payloads)
@@ -215,11 +349,11 @@ class SharedBuffer:
             gone = min(max(self._head_seq - batch.first_seq, 0), len(batch.payloads))
             for i in range(gone):
                 if i in delivered:
-                    c.dropped_overflow -= 1
-                    c.delivered += 1
+                    self._settle_gone(batch.first_seq + i, "delivered")
                 elif i in rejected:
-                    c.dropped_overflow -= 1
-                    c.rejected += 1
+                    self._settle_gone(batch.first_seq + i, "rejected")
+            if gone and self.spool is not None:
+                self.spool.advance()
             region = max(max(settled) + 1 - gone, 0)
             ring = self._ring
             region = min(region, len(ring))
@@ -243,6 +377,84 @@ class SharedBuffer:
                 self._oldest_since = None
             self._changed.notify_all()
 
+    # ---- the outage spool ----
+    def attach_spool(self, spool: SegmentSpool, overflow: str) -> None:
+        """Read ``spool`` first from now on; write to it on overflow with overflow="spool"."""
+        with self._lock:
+            self.spool = spool
+            self._spill = overflow == "spool"
+
+    @property
+    def spilling(self) -> bool:
+        """overflow="spool": the oldest go to disk on overflow."""
+        return self._spill
+
+    def spool_pending(self) -> bool:
+        """Events wait in the outage spool (call under the lock, or accept a racy answer)."""
+        return self.spool is not None and not self.spool.empty()
+
+    def peek_spool(self, max_count: int, max_bytes: int) -> Batch:
+        """The oldest events of the outage spool (older than anything in the ring)."""
+        with self._lock:
+            assert self.spool is not None
+            payloads, positions, inherited, ends = self.spool.peek(max_count, max_bytes)
+            self._take_lost()
+            if not payloads:
+                self.spool.advance()
+            return Batch(self._head_seq, payloads, full=len(payloads) >= max_count,
+                         positions=tuple(positions), inherited=tuple(inherited), ends=ends)
+
+    def _take_lost(self) -> None:
+        assert self.spool is not None
+        lost, self.spool.lost_own = self.spool.lost_own, 0
+        if lost:
+            self._account_evicted(lost, 0)
+
+    def _commit_spool(self, batch: Batch, delivered: set[int], rejected: set[int]) -> None:
+        assert self.spool is not None and batch.positions is not None
+        with self._lock:
+            c = self.counters
+            settled = sorted(delivered | rejected)
+            on_disk = self.spool.settle_many([batch.positions[i] for i in settled])
+            for i, ok in zip(settled, on_disk, strict=True):
+                if not ok:
+                    # Its segment was evicted while the batch was in flight and its events
+                    # counted as dropped_spool (and, an earlier publisher's, as recorded):
+                    # they arrived after all.
+                    c.dropped_spool -= 1
+                    c.spooled += 1
+                    if batch.inherited[i]:
+                        c.inherited += 1
+                elif batch.inherited[i]:
+                    c.recorded += 1
+                    c.spooled += 1
+                    c.inherited += 1
+                c.restored += 1
+                if i in delivered:
+                    c.delivered += 1
+                else:
+                    c.rejected += 1
+            self.spool.advance(batch.ends)
+            self._take_lost()
+            self._changed.notify_all()
+
+    def restored_from_disk(self, n: int) -> None:
+        """``n`` events an earlier publisher spooled at shutdown were pushed back into the ring."""
+        with self._lock:
+            self.counters.spooled += n
+            self.counters.restored += n
+            self.counters.inherited += n
+
+    def sync_spool(self) -> None:
+        if self.spool is not None:
+            with self._lock:
+                self.spool.sync()
+
+    def close_spool(self) -> None:
+        if self.spool is not None:
+            with self._lock:
+                self.spool.close()
+
     def snapshot(self) -> dict[str, Any]:
         """Counters plus the current fill, as a plain dict."""
         with self._lock:
@@ -260,9 +472,17 @@ class SharedBuffer:
                 "pushes": c.pushes,
                 "duplicate_pushes": c.duplicate_pushes,
                 "spooled": c.spooled,
+                "restored": c.restored,
+                "spool_inherited": c.inherited,
                 "dropped_spool": c.dropped_spool,
                 "filtered": c.filtered,
                 "sampled_out": c.sampled_out,
+                "spool_pending": c.spooled - c.restored,
+                "spool_errors": c.spool_errors,
+                "spool_bytes": self.spool.nbytes if self.spool is not None else 0,
+                "spool_segments": len(self.spool.segments) if self.spool is not None else 0,
+                "spool_corrupt": self.spool.corrupt if self.spool is not None else 0,
+                "spool_corrupt_bytes": self.spool.corrupt_bytes if self.spool is not None else 0,
                 "head_seq": self._head_seq,
                 "tail_seq": self._head_seq + len(self._ring),
                 "clients_seen": len(self._last_push),

@@ -58,6 +58,7 @@ _PUBLISHER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("backoff_cap", "MS", "longest retry delay (default 30000)"),
     ("ipc_timeout", "MS", "bound on every IPC wait (default 2000)"),
     ("metrics_port", "PORT", "serve Prometheus /metrics on this port (default 0: off)"),
+    ("spool_max_bytes", "BYTES", "bound of the outage spool on disk (default 1 GiB)"),
 )
 
 
@@ -88,7 +89,8 @@ def _cmd_publisher(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     # Keys left out (not passed as None) so that Config.build falls back to the environment.
-    for key in ("url", "channel", "runtime_dir", "compression", "spool_dir", "metrics_host"):
+    for key in ("url", "channel", "runtime_dir", "compression", "spool_dir", "metrics_host",
+                "overflow"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.url and redact_url_safe(args.url) != args.url:
@@ -186,6 +188,11 @@ def format_stats(stats: dict[str, Any]) -> str:
         ("spooled", f"{stats.get('spooled', 0):,}"),
         ("restored", f"{stats.get('restored', 0):,}"),
         ("dropped_spool", f"{stats.get('dropped_spool', 0):,}"),
+        ("spool_pending", f"{stats.get('spool_pending', 0):,} events, "
+                          f"{stats.get('spool_bytes', 0):,} bytes on disk"
+                          + (f", {stats['spool_errors']:,} write errors" if stats.get("spool_errors") else "")
+                          + (f", {stats['spool_corrupt']:,} damaged spans skipped"
+                             if stats.get("spool_corrupt") else "")),
         ("batches", f"{stats.get('batches', 0):,}"),
         ("bytes_raw/sent", f"{raw:,} / {sent:,}{ratio}"),
         ("retries", f"{stats.get('retries', 0):,}"),
@@ -448,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=("gzip", "none"), default=None, help="default gzip")
     p.add_argument("--spool-dir", default=None, help="where undrained events are spooled")
     p.add_argument("--metrics-host", default=None, help="address /metrics binds to (default 127.0.0.1)")
+    p.add_argument("--overflow", choices=("drop", "spool"), default=None,
+                   help="a full buffer drops its oldest (drop, default) or moves them to disk (spool)")
     p.add_argument("--log-level", choices=levels, default="INFO", help="default INFO")
     p.set_defaults(func=_cmd_publisher)
 

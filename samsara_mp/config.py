@@ -80,6 +80,10 @@ class Config:
     backoff_base: int = 100
     backoff_cap: int = 30_000
     spool_dir: str | None = None
+    # "drop": a full shared buffer drops its oldest (the original client's way);
+    # "spool": they move to a bounded outage spool on disk and are sent first after.
+    overflow: str = "drop"
+    spool_max_bytes: int = 1024 * 1024 * 1024
     shipper: str = "auto"
     stats_interval: int = 60_000
     on_success: str | None = None
@@ -217,7 +221,7 @@ class Config:
         positive = (
             "publish_interval", "max_buffer_size", "send_timeout", "max_batch_size",
             "max_batch_bytes", "max_event_bytes", "staging_size", "staging_bytes", "ship_batch",
-            "ipc_timeout", "backoff_base", "backoff_cap", "stats_interval",
+            "ipc_timeout", "backoff_base", "backoff_cap", "stats_interval", "spool_max_bytes",
         )
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
@@ -254,6 +258,14 @@ class Config:
         ):
             raise InvalidConfiguration(
                 "channel", "must be 1-64 characters of letters, digits, '_', '.', '-'"
+            )
+        if self.overflow not in ("drop", "spool"):
+            raise InvalidConfiguration(
+                "overflow", f"{self.overflow!r} is not one of 'drop', 'spool'"
+            )
+        if self.spool_max_bytes < 64 * 1024:
+            raise InvalidConfiguration(
+                "spool_max_bytes", f"{self.spool_max_bytes} is less than 65536 (64 KiB)"
             )
         if self.shipper not in ("auto", "thread", "inline"):
             raise InvalidConfiguration(

@@ -29,6 +29,20 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("samsara_mp_events_filtered", "filtered", "Events before_send dropped (never recorded)."),
     ("samsara_mp_events_sampled_out", "sampled_out", "Events sampling left out (never recorded)."),
     ("samsara_mp_retries", "retries", "Failed POST attempts that were retried."),
+    ("samsara_mp_events_spooled", "spooled", "Events moved to the spool on disk."),
+    ("samsara_mp_events_restored", "restored", "Events read back from the spool on disk."),
+    ("samsara_mp_loop_errors", "loop_errors", "Unexpected errors the publisher's threads survived."),
+    ("samsara_mp_hook_errors", "hook_errors", "Exceptions raised by on_success/on_failure hooks."),
+)
+# (gauge name, stats key, help)
+_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("samsara_mp_buffer_events", "buffered", "Events in the shared buffer."),
+    ("samsara_mp_buffer_bytes", "buffered_bytes", "Encoded bytes in the shared buffer."),
+    ("samsara_mp_spool_events", "spool_pending", "Events waiting in the spool on disk."),
+    ("samsara_mp_spool_bytes", "spool_bytes", "Bytes of the spool on disk."),
+    ("samsara_mp_loop_up", "loop_alive", "1 while the publish loop runs."),
+    ("samsara_mp_oldest_buffered_age_seconds", "oldest_buffered_age_s",
+     "How long the oldest buffered event has waited."),
 )
 # reason label -> stats key
 _DROPS = (("overflow", "dropped_buffer"), ("staging", "dropped_staging"), ("spool", "dropped_spool"))
@@ -61,10 +75,7 @@ class StatsCollector:
                                       labels=["channel", "reason"])
         requests = CounterMetricFamily("samsara_mp_requests", "POSTs answered, by HTTP status.",
                                        labels=["channel", "status"])
-        buffered = GaugeMetricFamily("samsara_mp_buffer_events", "Events in the shared buffer.",
-                                     labels=["channel"])
-        nbytes = GaugeMetricFamily("samsara_mp_buffer_bytes", "Encoded bytes in the shared buffer.",
-                                   labels=["channel"])
+        gauges = {name: GaugeMetricFamily(name, text, labels=["channel"]) for name, _, text in _GAUGES}
         success = GaugeMetricFamily("samsara_mp_last_success_timestamp_seconds",
                                     "When the API last accepted a batch (Unix time).", labels=["channel"])
         for channel, stats in channels:
@@ -79,14 +90,15 @@ class StatsCollector:
             for status, count in sorted((stats.get("statuses") or {}).items()):
                 requests.add_metric([channel, str(status)],
                                     self._counter_value(("requests", channel, str(status)), count))
-            buffered.add_metric([channel], float(stats.get("buffered", 0)))
-            nbytes.add_metric([channel], float(stats.get("buffered_bytes", 0)))
+            for name, key, _ in _GAUGES:
+                gauges[name].add_metric([channel], float(stats.get(key) or 0))
             last = stats.get("last_success_at")
             if isinstance(last, (int, float)):
                 success.add_metric([channel], float(last))
         yield up
         yield from counters.values()
-        yield from (dropped, requests, buffered, nbytes, success)
+        yield from (dropped, requests, success)
+        yield from gauges.values()
 
 
 def registry_for(get_stats: Callable[[], Iterable[tuple[str, dict[str, Any] | None]]]) -> CollectorRegistry:

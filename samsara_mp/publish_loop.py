@@ -115,8 +115,14 @@ class PublishLoop:
         return target
 
     def wait_flushed(self, target: int, timeout: float) -> bool:
-        """Wait until every event before ``target`` has left the buffer, or timeout."""
-        return self.buffer.wait(lambda: self.buffer.head_seq >= target, timeout)
+        """Wait until every event before ``target`` has left the buffer (and the outage
+        spool, where overflow may have moved some), or timeout."""
+        buf = self.buffer
+        return buf.wait(lambda: buf.head_seq >= target and not buf.spool_pending(), timeout)
+
+    def _pending(self) -> int:
+        """Events waiting: the buffer's, plus one for a non-empty outage spool."""
+        return len(self.buffer) + (1 if self.buffer.spool_pending() else 0)
 
     def drain(self, timeout: float) -> bool:
         """Publish what is left within ``timeout``, then stop; True when the buffer emptied."""
@@ -128,7 +134,7 @@ class PublishLoop:
         if self._thread is not None:
             self._thread.join(timeout + self.config.send_timeout_s + 1.0)
         self._stop.set()
-        return len(self.buffer) == 0
+        return len(self.buffer) == 0 and not self.buffer.spool_pending()
 
     def stop(self) -> None:
         self._stop.set()
@@ -172,6 +178,8 @@ class PublishLoop:
         """Called under the buffer's lock: is there a reason to publish right now?"""
         if self._stop.is_set() or self._draining:
             return True
+        if self.buffer.spool_pending():
+            return True  # a backlog on disk: send it at once
         n = len(self.buffer)
         if not n:
             return False
@@ -190,7 +198,7 @@ class PublishLoop:
             if self._stop.is_set():
                 return False
             if self._draining:
-                return len(self.buffer) > 0 and time.monotonic() < self._drain_deadline
+                return self._pending() > 0 and time.monotonic() < self._drain_deadline
             if self._ready():
                 return True
             now = time.monotonic()
@@ -199,16 +207,31 @@ class PublishLoop:
                 n = len(self.buffer)
                 if n and (n >= self.config.min_buffer_size or self.buffer.oldest_age() >= interval):
                     return True
-            self.buffer.wait(self._ready, max(next_tick - time.monotonic(), 0.0))
+            timeout = next_tick - time.monotonic()
+            if self.buffer.spilling:
+                self.buffer.sync_spool()  # the fsync interval holds when pushes stop
+                timeout = min(timeout, 0.1)
+            self.buffer.wait(self._ready, max(timeout, 0.0))
 
     def _publish_one(self) -> None:
         cfg = self.config
-        batch, body = self._take_prepared()
+        batch: Batch | None = None
+        body: Body | None = None
+        if self.buffer.spool_pending():
+            # Spooled events are older than any buffered one: they go first, so that
+            # each source's order holds. One batch of them in memory at a time.
+            self._next = None
+            batch = self.buffer.peek_spool(cfg.max_batch_size, cfg.max_batch_bytes)
+            if not batch.payloads:
+                batch = None
+        else:
+            batch, body = self._take_prepared()
         if batch is None:
             batch = self.buffer.peek(cfg.max_batch_size, cfg.max_batch_bytes)
         if not batch.payloads:
             return
-        if self._prepare is not None and batch.full and not self._failures:
+        if (self._prepare is not None and batch.full and not self._failures
+                and batch.positions is None):
             # A backlog: the next batch is already there to prepare.
             self._next = self._prepare.submit(self._prepare_after, batch)
         outcome = settle(self.transport, batch.payloads, body=body)
@@ -246,6 +269,8 @@ class PublishLoop:
             return None, None
         if not batch.payloads or self.buffer.head_seq != batch.first_seq:
             return None, None  # the batch before it was not wholly settled, or events were dropped
+        if self.buffer.spool_pending():
+            return None, None  # overflow moved events to disk meanwhile: they go first
         if not batch.full and len(self.buffer) > len(batch.payloads):
             return None, None  # more arrived since: a fresh peek sends a bigger batch
         self.stats["prepared"] += 1

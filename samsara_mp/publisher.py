@@ -27,7 +27,7 @@ from .errors import ChannelError, ChannelTaken, InvalidConfiguration
 from .hooks import OutcomeHooks
 from .ipc import IPCError, Server
 from .publish_loop import PublishLoop
-from .spool import Spool
+from .spool import SegmentSpool, Spool
 from .stats import ClientStatsReporter
 from .supervise import Supervisor
 
@@ -59,7 +59,6 @@ class PublisherProcess:
         self._accepting = True
         self._started = time.time()
         self._server: Server | None = None
-        self._restored = 0
         self._metrics: Any = None  # the /metrics HTTP server, when metrics_port is set
 
     def _start_metrics(self) -> None:
@@ -140,7 +139,7 @@ class PublisherProcess:
             if self.owner_pid is not None and not _alive(self.owner_pid):
                 log.info("samsara_mp: owner %d ended; draining", self.owner_pid)
                 break
-            if server.clients or len(self.buffer):
+            if server.clients or len(self.buffer) or self.buffer.spool_pending():
                 idle_since = time.monotonic()
             elif self.config.idle_timeout and time.monotonic() - idle_since >= self.config.idle_timeout_s:
                 log.info("samsara_mp: idle with no clients; exiting")
@@ -169,6 +168,11 @@ class PublisherProcess:
                     )
                 else:
                     log.warning("samsara_mp: spooled %d undelivered events to %s", len(left), path)
+        self.buffer.close_spool()
+        if self.buffer.spool_pending():
+            log.warning("samsara_mp: %d bytes of outage spool left in %s for the next publisher",
+                        self.buffer.spool.nbytes if self.buffer.spool else 0,
+                        self.spool.dir / "outage")
         if self._server is not None:
             self._server.close()
         if self._metrics is not None:
@@ -180,18 +184,28 @@ class PublisherProcess:
     def _accounting(self) -> dict[str, int]:
         snap = self.stats()
         keys = ("recorded", "delivered", "dropped_overflow", "rejected", "buffered", "spooled",
-                "dropped_spool", "restored")
+                "dropped_spool", "restored", "spool_pending", "spool_errors", "spool_corrupt")
         return {k: int(snap.get(k, 0)) for k in keys}
 
     def _restore_spool(self) -> None:
         self.spool.ensure()
         self.spool.clean()
+        # The outage spool: opened to write with overflow="spool", and to read
+        # whenever an earlier publisher left segments (whatever this one's overflow).
+        outage = self.spool.dir / "outage"
+        if self.config.overflow == "spool" or any(outage.glob("seg-*.smp")):
+            segments = SegmentSpool(outage, self.config.spool_max_bytes)
+            segments.open()
+            self.buffer.attach_spool(segments, self.config.overflow)
+        restored = 0
         for payloads in self.spool.take_all():
-            # Counted as recorded here: the stopping publisher counted them as spooled.
+            # Counted as recorded here (the stopping publisher counted them as spooled),
+            # and as spooled and restored (inherited), so the invariant holds.
             self.buffer.push(payloads)
-            self._restored += len(payloads)
-        if self._restored:
-            log.info("samsara_mp: resending %d spooled events first", self._restored)
+            self.buffer.restored_from_disk(len(payloads))
+            restored += len(payloads)
+        if restored:
+            log.info("samsara_mp: resending %d spooled events first", restored)
 
     # ---- IPC ----
     def _handle(self, method: str, args: tuple[Any, ...]) -> Any:
@@ -216,7 +230,6 @@ class PublisherProcess:
         snap.update(
             {k: v for k, v in self.loop.stats.items() if k != "statuses"},
             statuses={str(k): v for k, v in self.loop.stats["statuses"].items()},
-            restored=self._restored,
             stats_events=self._stats_events,
             publisher_pid=os.getpid(),
             uptime_s=time.time() - self._started,

@@ -24,7 +24,7 @@ __all__ = ["CLIENT_STATS_EVENT", "ClientStatsReporter"]
 CLIENT_STATS_EVENT = "samsara.client.stats"
 
 _DELTA_KEYS = ("recorded", "delivered", "dropped_overflow", "rejected", "batches", "retries",
-               "bytes_raw", "bytes_sent")
+               "bytes_raw", "bytes_sent", "spooled", "restored", "dropped_spool")
 
 
 class ClientStatsReporter:
@@ -48,6 +48,8 @@ class ClientStatsReporter:
             "maxBufferSize": self.config.max_buffer_size,
             "publishInterval": self.config.publish_interval,
             "connectedClients": stats.get("connected_clients", 0),
+            "spoolPending": stats.get("spool_pending", 0),
+            "spoolBytes": stats.get("spool_bytes", 0),
         }
         for key in _DELTA_KEYS:
             now = int(stats.get(key, 0))
