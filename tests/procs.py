@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -42,3 +47,31 @@ def kill_if(pid: int, marker: str) -> None:
                 os.kill(pid, signal.SIGKILL)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def tmpfs(size: str) -> Iterator[Path]:
+    """A private tmpfs of ``size`` (e.g. "64k"), for a full disk; needs root (the test
+    machine runs the suite as root); unmounted afterwards."""
+    if os.geteuid() != 0:
+        raise RuntimeError("mounting a tmpfs needs root (the test machine runs the suite as root)")
+    mnt = Path(tempfile.mkdtemp(prefix="smp-fs-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        mnt.rmdir()
+
+
+def get_pid(session: object, url: str) -> int | None:
+    """GET ``url`` from a test app that answers its worker's pid; None without an answer."""
+    import requests
+
+    assert isinstance(session, requests.Session)
+    try:
+        resp = session.get(url, timeout=5)
+    except requests.RequestException:
+        return None
+    return int(resp.text) if resp.status_code == 200 else None

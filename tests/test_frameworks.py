@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import requests
 from conftest import wait_until
-from procs import alive, children, free_port, kill_if
+from procs import alive, children, free_port, get_pid, kill_if
 
 from samsara_mp import InvalidConfiguration, Publisher, get_client
 from samsara_mp.channel import Channel
@@ -57,13 +57,7 @@ def _env(server: IngestServer, runtime_dir: str, **extra: str) -> dict[str, str]
     )
 
 
-def _get(session: requests.Session, url: str) -> int | None:
-    """The answering worker's pid, or None when the request got no answer."""
-    try:
-        resp = session.get(url, timeout=5)
-    except requests.RequestException:
-        return None
-    return int(resp.text) if resp.status_code == 200 else None
+_get = get_pid
 
 
 def _threads(pid: int) -> int:

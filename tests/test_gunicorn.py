@@ -22,6 +22,7 @@ from conftest import wait_until
 from procs import alive as _alive
 from procs import children as _children
 from procs import free_port as _free_port
+from procs import get_pid
 from procs import kill_if as _kill_if
 
 from samsara_mp import Publisher
@@ -37,13 +38,7 @@ STAGING_SIZE = 64  # the most a SIGKILLed worker can lose
 
 
 # ---- process helpers (by pid; nothing is killed by name) ----
-def _get(session: requests.Session, url: str) -> int | None:
-    """The answering worker's pid, or None when the request got no answer."""
-    try:
-        resp = session.get(url, timeout=5)
-    except requests.RequestException:
-        return None
-    return int(resp.text) if resp.status_code == 200 else None
+_get = get_pid
 
 
 def _balanced(stats: dict[str, Any]) -> bool:

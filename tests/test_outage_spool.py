@@ -13,8 +13,6 @@ import multiprocessing
 import os
 import signal
 import struct
-import subprocess
-import tempfile
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_until
+from procs import tmpfs
 from workers import record_many
 
 from samsara_mp import Publisher, SamsaraClient
@@ -204,17 +203,8 @@ def test_a_torn_tail_and_a_corrupt_record_are_skipped_with_a_count_and_the_rest_
 
 @pytest.fixture
 def tiny_fs() -> Iterator[Path]:
-    """A 256 KiB tmpfs (we run as root), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.fail("mounting a tmpfs needs root (the test machine runs the suite as root)")
-    mnt = Path(tempfile.mkdtemp(prefix="smp-fs-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+    with tmpfs("256k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        mnt.rmdir()
 
 
 def test_a_full_disk_falls_back_to_drop_oldest_counted_and_logged(

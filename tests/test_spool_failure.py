@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import wait_until
+from procs import tmpfs
 
 from samsara_mp import Publisher, SamsaraClient
 from samsara_mp.ingest import IngestServer
@@ -19,17 +17,8 @@ from samsara_mp.ingest import IngestServer
 
 @pytest.fixture
 def tiny_fs() -> Iterator[Path]:
-    """A 64 KiB tmpfs, private to the test user, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.fail("mounting a tmpfs needs root (the test machine runs the suite as root)")
-    mnt = Path(tempfile.mkdtemp(prefix="smp-fs-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+    with tmpfs("64k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        mnt.rmdir()
 
 
 def _final_accounting(log_path: Path) -> dict[str, int]:
