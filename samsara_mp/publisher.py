@@ -109,16 +109,18 @@ class PublisherProcess:
             os.unlink(self.channel.socket_path)  # a dead publisher's; we hold the lock
         except FileNotFoundError:
             pass
+        # Written before the socket listens: whoever can connect to this publisher can
+        # also find its pid (to stop it, or to tell it from another).
+        self.channel.write_info(
+            {"pid": os.getpid(), "started_at": self._started, "channel": self.channel.name,
+             "url": redact_url(self.config.url), "owner_pid": self.owner_pid}
+        )
         self._restore_spool()
         server = Server(self.channel.socket_path, key, self._handle)
         self._server = server
         self._accept = self.supervisor.thread("samsara-mp-accept", server.serve_forever)
         self.loop.start()
         self._start_metrics()
-        self.channel.write_info(
-            {"pid": os.getpid(), "started_at": self._started, "channel": self.channel.name,
-             "url": redact_url(self.config.url), "owner_pid": self.owner_pid}
-        )
         self._release_gate()
         log.info("samsara_mp: publisher %d serving channel %s", os.getpid(), self.channel.name)
         idle_since = time.monotonic()

@@ -339,3 +339,23 @@ def test_a_pool_publisher_parent_forks_its_pool_without_a_samsara_thread(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DeprecationWarning" not in proc.stderr, proc.stderr[-3000:]
     assert server.wait_for_events(50, 30), server.event_count()
+
+
+def test_whoever_can_connect_to_a_new_publisher_can_find_its_pid(cold_config: dict[str, Any]) -> None:
+    # publisher.json (its pid) is written before the socket listens: a process that
+    # connected and then stops the channel by pid (tests, benchmarks, operators)
+    # never finds it missing and leaves the publisher running unseen.
+    cfg = Config.build(env={}, **dict(cold_config, channel="pidfirst"))
+    channel = Channel(cfg)
+    launch, proc = channel.launch_publisher()
+    assert proc is not None
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(channel.socket_path):
+            assert time.monotonic() < deadline, "the publisher never listened"
+            time.sleep(0.0002)
+        info = channel.read_info()
+        assert info is not None and int(info["pid"]) == proc.pid
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        wait_until(lambda: not alive(proc.pid), 20, "the publisher to stop")
