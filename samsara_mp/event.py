@@ -134,8 +134,9 @@ class EventEncoder:
     def encode_owned(self, event: dict[str, Any]) -> bytes:
         """Encode a dict the caller gave up (``**kwargs``); it may be enriched in place.
 
-        The hot path: :meth:`enrich` and :meth:`encode_enriched` fused into one
-        call (keep the three in step)."""
+        The hot path: :meth:`enrich` and :meth:`encode_enriched` inlined into one
+        call (calling the two costs ~0.2 us of ~1.8); tests/test_event.py checks that
+        the three agree on every valid and invalid event it knows."""
         ts = event.get("timestamp")
         if ts is None:
             event["timestamp"] = self._now()
