@@ -201,17 +201,17 @@ def _watched_pool_classes() -> dict[str, type]:
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-    class WatchedHTTPConnection(HTTPConnection):
+    class Watched:
         def request(self, *args: Any, **kwargs: Any) -> None:
             with _in_use_lock:
                 _in_use[threading.get_ident()] = self
-            super().request(*args, **kwargs)
+            super().request(*args, **kwargs)  # type: ignore[misc]
 
-    class WatchedHTTPSConnection(HTTPSConnection):
-        def request(self, *args: Any, **kwargs: Any) -> None:
-            with _in_use_lock:
-                _in_use[threading.get_ident()] = self
-            super().request(*args, **kwargs)
+    class WatchedHTTPConnection(Watched, HTTPConnection):
+        pass
+
+    class WatchedHTTPSConnection(Watched, HTTPSConnection):
+        pass
 
     class WatchedHTTPConnectionPool(HTTPConnectionPool):
         ConnectionCls = WatchedHTTPConnection
