@@ -9,8 +9,6 @@ exactly (the original rounded them down to whole seconds).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -19,14 +17,13 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import InvalidConfiguration
 
 __all__ = [
-    "Config", "ENV_PREFIX", "OFFLINE_URL", "redact_url", "export_to_env", "resolve_callable",
+    "Config", "KEYS", "ENV_PREFIX", "OFFLINE_URL", "redact_url", "export_to_env", "resolve_callable",
     "callable_path",
 ]
 
@@ -49,9 +46,14 @@ _MS_KEYS = (
 )
 
 
-@dataclass(frozen=True)
 class Config:
-    """Every setting of a client and its publisher; build it with :meth:`build`."""
+    """Every setting of a client and its publisher; build it with :meth:`build`.
+
+    Immutable: :meth:`replace` makes a changed copy. A plain class rather than a
+    dataclass: ``dataclasses`` imports ``inspect``, ~13 ms of a new publisher's
+    start on this project's VM (see benchmarks/README.md, "Cold start"). The
+    keys are the annotated class attributes below, in order (:data:`KEYS`).
+    """
 
     url: str
     sourceId: str | None = None
@@ -99,9 +101,40 @@ class Config:
     # API): as secret as the URL's credentials, never logged, shown or put on argv.
     headers: Mapping[str, str] | None = None
 
+    def __init__(self, **values: Any) -> None:
+        # Every key given or defaulted; the only required one is url.
+        for name in KEYS:
+            if name in values:
+                value = values.pop(name)
+            elif name in _DEFAULTS:
+                value = _DEFAULTS[name]
+            else:
+                raise TypeError(f"Config() missing required key {name!r}")
+            object.__setattr__(self, name, value)
+        if values:
+            raise TypeError(f"Config() got unknown keys {sorted(values)}")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Config is immutable: use replace({name}=...)")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Config is immutable")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in KEYS)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Config)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
     def __repr__(self) -> str:
         # Never show the URL's credentials or the headers' values, wherever a config is printed.
-        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown = {name: getattr(self, name) for name in KEYS}
         shown["url"] = redact_url(self.url)
         if self.headers:
             shown["headers"] = {name: "***" for name in self.headers}
@@ -113,21 +146,20 @@ class Config:
     ) -> Config:
         """Merge keyword arguments > environment > defaults, validating each key."""
         env = os.environ if env is None else env
-        known = {f.name: f for f in dataclasses.fields(cls)}
         for key in kwargs:
-            if key not in known:
+            if key not in _KEY_SET:
                 raise InvalidConfiguration(key, "unknown configuration key")
         # An explicit None means "not given" (the environment may fill it in),
         # except for compression, where the original SDK spelled "none" as None.
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "compression"}
         values: dict[str, Any] = {}
-        for name, field in known.items():
+        for name in KEYS:
             if name in kwargs:
                 values[name] = kwargs[name]
                 continue
             env_name = ENV_PREFIX + _env_suffix(name)
             if env_name in env:
-                values[name] = _from_env(name, env[env_name], field.type)
+                values[name] = _from_env(name, env[env_name], _TYPES[name])
         if "compression" in values and values["compression"] is None:
             values["compression"] = "none"  # the original SDK's spelling of no compression
         if ("url" not in values or values["url"] is None) and values.get("disabled") is True:
@@ -143,9 +175,9 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """A copy with some keys changed, validated again."""
         for key in changes:
-            if key not in {f.name for f in dataclasses.fields(self)}:
+            if key not in _KEY_SET:
                 raise InvalidConfiguration(key, "unknown configuration key")
-        new = dataclasses.replace(self, **changes)
+        new = Config(**{name: changes.get(name, getattr(self, name)) for name in KEYS})
         new._validate()
         return new
 
@@ -156,7 +188,9 @@ class Config:
         path when importing that path gives the same function, else None (a
         lambda, a nested function, one in ``__main__``): a callable cannot cross.
         """
-        out = dataclasses.asdict(self)
+        out = {name: getattr(self, name) for name in KEYS}
+        if out["headers"] is not None:
+            out["headers"] = dict(out["headers"])
         if callable(out["before_send"]):
             out["before_send"] = callable_path(out["before_send"])
         return out
@@ -180,6 +214,8 @@ class Config:
         """The channel: configured, or derived from the URL so one app shares one."""
         if self.channel:
             return self.channel
+        import hashlib  # here: a launched publisher is given its channel's name
+
         digest = hashlib.sha256(self.url.rstrip("/").encode()).hexdigest()[:12]
         return f"samsara-{digest}"
 
@@ -309,6 +345,13 @@ class Config:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InvalidConfiguration(name, "must be a non-empty path string or None")
+
+
+# The configuration's keys in order, their defaults and their annotations (strings).
+KEYS: tuple[str, ...] = tuple(Config.__annotations__)
+_KEY_SET = frozenset(KEYS)
+_TYPES: dict[str, str] = dict(Config.__annotations__)
+_DEFAULTS: dict[str, Any] = {name: vars(Config)[name] for name in KEYS if name in vars(Config)}
 
 
 def export_to_env(values: Mapping[str, Any]) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+import samsara_mp.config
 from samsara_mp import Config, InvalidConfiguration, SamsaraClient
 
 URL = "http://127.0.0.1:9000"
@@ -127,3 +128,32 @@ def test_a_millisecond_setting_past_30_days_is_refused_naming_the_key(key: str) 
     with pytest.raises(InvalidConfiguration) as info:
         Config.build(env={"SAMSARA_MP_" + key.upper(): str(10**13)}, url="http://127.0.0.1/")
     assert info.value.key == key
+
+
+def test_a_config_is_immutable_and_replace_validates_the_copy() -> None:
+    config = Config.build(env={}, url="http://127.0.0.1:1/", staging_size=7)
+    with pytest.raises(AttributeError):
+        config.staging_size = 8  # type: ignore[misc]
+    assert config.staging_size == 7
+    copy = config.replace(staging_size=9)
+    assert (copy.staging_size, config.staging_size) == (9, 7)
+    assert copy != config and copy.replace(staging_size=7) == config
+    with pytest.raises(InvalidConfiguration) as err:
+        config.replace(staging_size=0)
+    assert err.value.key == "staging_size"
+    with pytest.raises(InvalidConfiguration) as err:
+        config.replace(no_such_key=1)
+    assert err.value.key == "no_such_key"
+
+
+def test_to_dict_builds_the_same_config_in_another_process() -> None:
+    # What a launched publisher is given: every key, JSON-able, and equal once rebuilt.
+    import json
+
+    config = Config.build(env={}, url="http://u:p@127.0.0.1:1/", headers={"X-A": "b"},
+                          max_buffer_size=123, sample_rate=0.5)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert set(data) == set(samsara_mp.config.KEYS)
+    assert Config.build(env={}, **data) == config
+    data["headers"]["X-A"] = "changed"
+    assert config.headers == {"X-A": "b"}, "to_dict copies the headers"

@@ -34,7 +34,6 @@ seconds, leaving their events to the shipper thread.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -54,6 +53,7 @@ from .. import (
     process,
     ship_all,
 )
+from ..config import KEYS
 
 __all__ = ["setup", "teardown"]
 
@@ -107,7 +107,7 @@ def setup(
       ``worker_process_shutdown`` (and the main process on ``worker_shutdown``);
       by default the configuration's ``exit_timeout``.
     """
-    known = {f.name for f in dataclasses.fields(Config)}
+    known = set(KEYS)
     for key in config:
         if key not in known:
             raise InvalidConfiguration(key, "unknown configuration key")

@@ -15,7 +15,6 @@ combines these hooks with your own.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 from .. import process
 from ..client import reset_after_fork, ship_all
-from ..config import ENV_PREFIX, Config, callable_path, export_to_env
+from ..config import ENV_PREFIX, KEYS, Config, callable_path, export_to_env
 from ..errors import ChannelError, ChannelTaken, InvalidConfiguration
 from ..ipc import IPCError
 from ..publisher import Publisher
@@ -40,7 +39,7 @@ __all__ = [
     "publisher",
 ]
 
-_CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(Config))
+_CONFIG_KEYS = frozenset(KEYS)
 # A valid stand-in, used only to validate settings before the url is known.
 _PLACEHOLDER_URL = "http://127.0.0.1/"
 
