@@ -21,7 +21,6 @@ import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from itertools import accumulate, islice
 from typing import TYPE_CHECKING, Any
 
@@ -37,40 +36,81 @@ __all__ = ["SharedBuffer", "Batch", "Counters", "MAX_REMEMBERED_CLIENTS"]
 MAX_REMEMBERED_CLIENTS = 10_000
 
 
-@dataclass
 class Counters:
-    """Monotonic counters of one channel (except ``buffered``)."""
+    """Monotonic counters of one channel (except ``buffered``).
 
-    recorded: int = 0
-    received: int = 0
-    delivered: int = 0
-    dropped_overflow: int = 0
-    dropped_staging: int = 0
-    rejected: int = 0
-    duplicate_pushes: int = 0
-    spooled: int = 0  # on disk or read back (eviction moves events to dropped_spool)
-    restored: int = 0  # read back from disk into a batch that was settled, or into the buffer
-    inherited: int = 0  # of spooled: left on disk by an earlier publisher (also recorded)
-    dropped_spool: int = 0  # meant for disk, but the spool could not take or keep them
-    spool_errors: int = 0  # failed spool writes (ENOSPC, EFBIG, EIO...)
-    pushes: int = 0
-    # Reported by workers: never recorded (left out before staging), counted apart.
-    filtered: int = 0
-    sampled_out: int = 0
+    Plain slots rather than a dataclass: no ``dataclasses``/``inspect`` import
+    before a new publisher serves (benchmarks/README.md, "Cold start").
+    """
+
+    # spooled: on disk or read back (eviction moves events to dropped_spool); restored: read
+    # back from disk into a settled batch or the buffer; inherited: of spooled, left on
+    # disk by an earlier publisher; dropped_spool: meant for disk but the spool could not
+    # take or keep them; spool_errors: failed spool writes (ENOSPC, EFBIG, EIO...);
+    # filtered/sampled_out: reported by workers, never recorded, counted apart.
+    __slots__ = (
+        "recorded",
+        "received",
+        "delivered",
+        "dropped_overflow",
+        "dropped_staging",
+        "rejected",
+        "duplicate_pushes",
+        "spooled",
+        "restored",
+        "inherited",
+        "dropped_spool",
+        "spool_errors",
+        "pushes",
+        "filtered",
+        "sampled_out",
+    )
+
+    recorded: int
+    received: int
+    delivered: int
+    dropped_overflow: int
+    dropped_staging: int
+    rejected: int
+    duplicate_pushes: int
+    spooled: int
+    restored: int
+    inherited: int
+    dropped_spool: int
+    spool_errors: int
+    pushes: int
+    filtered: int
+    sampled_out: int
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
 
 
-@dataclass(frozen=True)
 class Batch:
-    """A run of events peeked from the head: ``payloads[i]`` has seq ``first_seq + i``."""
+    """A run of events peeked from the head: ``payloads[i]`` has seq ``first_seq + i``.
 
-    first_seq: int
-    payloads: list[bytes]
-    full: bool = False  # stopped at the count or byte budget, not at the buffer's end
-    # A batch from the outage spool: where each event is on disk, and which an
-    # earlier publisher wrote.
-    positions: tuple[Position, ...] | None = None
-    inherited: tuple[bool, ...] = ()
-    ends: dict[Position, int] | None = None
+    ``full``: it stopped at the count or byte budget, not at the buffer's end. A
+    batch from the outage spool also says where each event is on disk
+    (``positions``) and which an earlier publisher wrote (``inherited``).
+    """
+
+    __slots__ = ("first_seq", "payloads", "full", "positions", "inherited", "ends")
+
+    def __init__(
+        self, first_seq: int, payloads: list[bytes], full: bool = False,
+        positions: tuple[Position, ...] | None = None, inherited: tuple[bool, ...] = (),
+        ends: dict[Position, int] | None = None,
+    ) -> None:
+        self.first_seq = first_seq
+        self.payloads = payloads
+        self.full = full
+        self.positions = positions
+        self.inherited = inherited
+        self.ends = ends
+
+    def __repr__(self) -> str:
+        return f"Batch(first_seq={self.first_seq}, events={len(self.payloads)}, full={self.full})"
 
     @property
     def raw_bytes(self) -> int:

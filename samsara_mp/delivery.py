@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from .config import redact_url
@@ -25,23 +24,32 @@ __all__ = ["Outcome", "settle"]
 log = logging.getLogger("samsara_mp")
 
 
-@dataclass
 class Outcome:
     """The result of settling one batch (indexes into the batch)."""
 
-    delivered: list[int] = field(default_factory=list)
-    rejected: list[int] = field(default_factory=list)
-    retry: bool = False
-    retry_after: float | None = None
-    error: str | None = None
-    status: int | None = None
-    requests: int = 0
-    raw_bytes: int = 0
-    sent_bytes: int = 0
-    statuses: dict[int, int] = field(default_factory=dict)
-    reject_reasons: list[str] = field(default_factory=list)
-    last_answer: HTTPAnswer | None = None
-    pending: int = 0
+    __slots__ = (
+        "delivered", "rejected", "retry", "retry_after", "error", "status", "requests",
+        "raw_bytes", "sent_bytes", "statuses", "reject_reasons", "last_answer", "pending",
+    )
+
+    def __init__(self) -> None:
+        self.delivered: list[int] = []
+        self.rejected: list[int] = []
+        self.retry = False
+        self.retry_after: float | None = None
+        self.error: str | None = None
+        self.status: int | None = None
+        self.requests = 0
+        self.raw_bytes = 0
+        self.sent_bytes = 0
+        self.statuses: dict[int, int] = {}
+        self.reject_reasons: list[str] = []
+        self.last_answer: HTTPAnswer | None = None
+        self.pending = 0
+
+    def __repr__(self) -> str:
+        return (f"Outcome(delivered={len(self.delivered)}, rejected={len(self.rejected)}, "
+                f"retry={self.retry}, status={self.status}, error={self.error!r})")
 
 
 class _Stop(Exception):

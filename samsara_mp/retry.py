@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 __all__ = ["RetryPolicy", "parse_retry_after", "is_retryable_status"]
 
@@ -47,14 +46,22 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
     return max(0.0, when.timestamp() - now())
 
 
-@dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with full jitter, capped; ``Retry-After`` wins when given."""
 
-    base: float = 0.1
-    cap: float = 30.0
-    max_retry_after: float = 300.0
-    rng: Callable[[float, float], float] = field(default=random.uniform, compare=False)
+    __slots__ = ("base", "cap", "max_retry_after", "rng")
+
+    def __init__(
+        self, base: float = 0.1, cap: float = 30.0, max_retry_after: float = 300.0,
+        rng: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self.max_retry_after = max_retry_after
+        self.rng = rng
+
+    def __repr__(self) -> str:
+        return f"RetryPolicy(base={self.base}, cap={self.cap}, max_retry_after={self.max_retry_after})"
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before try number ``attempt + 1`` (``attempt`` counts failures, from 1)."""

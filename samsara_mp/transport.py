@@ -13,7 +13,6 @@ import socket
 import threading
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .helpers import current_time_millis
@@ -30,15 +29,22 @@ log = logging.getLogger("samsara_mp")
 PUBLISHED_TIMESTAMP_HEADER = "X-Samsara-publishedTimestamp"
 
 
-@dataclass
 class HTTPAnswer:
     """What the API said to one POST."""
 
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    raw_bytes: int
-    sent_bytes: int
+    __slots__ = ("status", "headers", "body", "raw_bytes", "sent_bytes")
+
+    def __init__(
+        self, status: int, headers: dict[str, str], body: bytes, raw_bytes: int, sent_bytes: int
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.raw_bytes = raw_bytes
+        self.sent_bytes = sent_bytes
+
+    def __repr__(self) -> str:
+        return f"HTTPAnswer(status={self.status}, body={self.text(80)!r})"
 
     @property
     def ok(self) -> bool:
@@ -53,24 +59,27 @@ class HTTPAnswer:
         return self.body[:limit].decode("utf-8", "replace")
 
 
-@dataclass
 class TransportError(Exception):
     """The POST got no HTTP answer (refused, reset, timed out)."""
 
-    message: str
-    raw_bytes: int = 0
-    cause: BaseException | None = field(default=None, repr=False)
+    def __init__(self, message: str, raw_bytes: int = 0, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.raw_bytes = raw_bytes
+        self.cause = cause
 
     def __str__(self) -> str:
         return self.message
 
 
-@dataclass(frozen=True)
 class Body:
     """A batch encoded for the wire: its JSON array's size, and what is sent."""
 
-    raw_bytes: int
-    data: bytes
+    __slots__ = ("raw_bytes", "data")
+
+    def __init__(self, raw_bytes: int, data: bytes) -> None:
+        self.raw_bytes = raw_bytes
+        self.data = data
 
 
 def join_events(payloads: Sequence[bytes]) -> bytes:
