@@ -337,6 +337,7 @@ class Channel:
         secrets. The publisher reads it from the inherited pipe and closes it."""
         self.ensure_dir()
         cfg = self.config.to_dict()
+        cfg["channel"] = self.name  # named, so the publisher need not hash the URL (hashlib)
         for key in WORKER_ONLY_KEYS:
             del cfg[key]  # the publisher never runs them, and need not import the app's code
         if idle_timeout is not None:
@@ -392,8 +393,8 @@ class Channel:
 
         Each attempt gets up to 1 s for its handshake: a publisher that has
         just started may be slow to answer its first peers."""
-        deadline = time.monotonic() + timeout
-        delay = 0.002
+        start = time.monotonic()
+        deadline = start + timeout
         while time.monotonic() < deadline:
             try:
                 return self.connect(min(1.0, max(deadline - time.monotonic(), 0.05)))
@@ -402,8 +403,9 @@ class Channel:
                     proc = None  # it lost the election; the winner may still be starting
                 elif proc is not None and proc.poll() is not None:
                     return None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.01)  # a start takes ~100 ms: poll finely
+            # A start takes ~60-100 ms: poll every 2 ms through it (a refused connect is
+            # ~20 us), then every 10 ms for a publisher that is slow to come up.
+            time.sleep(0.002 if time.monotonic() - start < 0.5 else 0.01)
         return None
 
 

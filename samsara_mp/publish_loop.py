@@ -98,9 +98,9 @@ class PublishLoop:
 
     # ---- control ----
     def start(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._prepare = ThreadPoolExecutor(1, thread_name_prefix="samsara-mp-prepare")
+        # The helper that prepares the next batch is made on the loop's thread, when
+        # it starts: concurrent.futures is a few ms of imports that a new publisher
+        # need not pay before it takes its first push.
         self._thread = threading.Thread(target=self._run, name="samsara-mp-publish", daemon=True)
         self._thread.start()
 
@@ -153,6 +153,9 @@ class PublishLoop:
         return self.supervisor.failed is not None
 
     def _run(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._prepare = ThreadPoolExecutor(1, thread_name_prefix="samsara-mp-prepare")
         try:
             self.supervisor.run("publish loop", self._loop, on_error=self._reset_after_error)
         finally:

@@ -359,3 +359,31 @@ def test_whoever_can_connect_to_a_new_publisher_can_find_its_pid(cold_config: di
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         wait_until(lambda: not alive(proc.pid), 20, "the publisher to stop")
+
+
+def test_a_new_publisher_imports_nothing_it_does_not_need_before_it_serves() -> None:
+    # Not a timing: the modules that made a new publisher's start slow (each measured
+    # at 4-13 ms on this project's VM, benchmarks/README.md "Cold start") stay out of
+    # what it imports before its socket listens. -S keeps site's own imports out of it.
+    late = ("dataclasses", "inspect", "argparse", "hashlib", "requests", "concurrent.futures",
+            "samsara_mp.metrics", "prometheus_client")
+    probe = ("import sys; import samsara_mp.publisher; "
+             f"print(' '.join(m for m in {late!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
+    assert proc.stdout.split() == [], proc.stdout
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    ([], "--config-fd is required"),
+    (["--config-fd"], "--config-fd needs an integer"),
+    (["--config-fd", "x"], "--config-fd needs an integer"),
+    (["--config-fd", "3", "--url", "http://u:p@h/"], "unknown argument: --url"),
+    (["--config-fd=3", "--url=http://u:p@h/"], "unknown argument: --url"),
+])
+def test_the_publisher_command_line_says_what_is_wrong(argv: list[str], said: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "samsara_mp.publisher", *argv], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode != 0
+    assert said in proc.stderr and "usage: python -m samsara_mp.publisher" in proc.stderr, proc.stderr
+    assert "u:p" not in proc.stderr  # an argument's value is never echoed (it may be a secret)
