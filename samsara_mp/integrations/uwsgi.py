@@ -9,7 +9,11 @@ in every worker. Importing this module under uWSGI registers:
 
 - a post-fork hook (``uwsgidecorators.postfork``) calling ``reset_after_fork()``;
 - ``uwsgi.atexit`` calling ``close_all()`` within the ``exit_timeout`` setting,
-  chained with any ``uwsgi.atexit`` already set;
+  chained with any ``uwsgi.atexit`` already set. uWSGI calls it only in a
+  worker that is idle when it dies: a brutal stop (SIGINT, SIGQUIT) of a
+  worker still in a request, or in the after-request work that follows its
+  answer, skips it, and its staged events are lost. A graceful shutdown (the
+  master FIFO's ``q``) and a reload (SIGHUP) let the request finish first;
 - ``uwsgi.after_req_hook`` which, after :func:`install` with
   ``ship_after_request=True``, ships each request's events before the worker
   takes the next one.

@@ -3,7 +3,10 @@
 Loaded in the uWSGI master before the workers are forked, so the client is
 created there and reset in each worker by the integration's post-fork hook.
 The ``X-Shipper`` header says how this worker's client ships;
-SMP_TEST_SHIP_AFTER_REQUEST=1 turns on shipping after every request.
+SMP_TEST_SHIP_AFTER_REQUEST=1 turns on shipping after every request;
+SMP_TEST_AFTER_REQUEST_DELAY=<seconds> makes uWSGI's after-request hook sleep,
+holding the worker busy after its answer was sent (uWSGI closes the client's
+connection before it runs the hook).
 """
 
 from __future__ import annotations
@@ -18,6 +21,20 @@ from samsara_mp.integrations import uwsgi as samsara_uwsgi  # importing register
 
 if os.environ.get("SMP_TEST_SHIP_AFTER_REQUEST") == "1":
     samsara_uwsgi.install(ship_after_request=True)
+
+_delay = float(os.environ.get("SMP_TEST_AFTER_REQUEST_DELAY", "0"))
+if _delay:
+    import time
+
+    import uwsgi  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+    _previous = uwsgi.after_req_hook
+
+    def _slow_after_request() -> None:
+        time.sleep(_delay)
+        _previous()
+
+    uwsgi.after_req_hook = _slow_after_request
 
 client = get_client()
 
