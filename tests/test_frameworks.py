@@ -169,8 +169,14 @@ def test_uvicorn_workers_under_gunicorn_deliver_every_answered_request_through_a
             kill_if(publisher_pid, "samsara_mp")
     assert not left, f"workers left running: {left}"
     assert set(run.answered.values()) - before_hup, "SIGHUP replaced the workers"
-    # SamsaraLifespan answered the lifespan protocol for the raw app, in each of 8 workers.
-    assert run.log().count("Application startup complete") >= 8, run.log()[-5000:]
+    # SamsaraLifespan answered the lifespan protocol for the raw app, in every
+    # worker that served, before and after the HUP (a worker still booting at
+    # the HUP may be stopped before its startup: it is not counted).
+    log = run.log()
+    served = set(run.answered.values())
+    started = {pid for pid in served if f"[{pid}] [INFO] Application startup complete" in log}
+    assert started == served and len(served) >= 2, (served - started, log[-5000:])
+    assert "lifespan' protocol appears unsupported" not in log, log[-5000:]
     _assert_each_answered_event_arrived_once(server, run, "asgi-raw")
 
 
@@ -190,6 +196,9 @@ def test_uvicorn_with_3_workers_stopped_by_sigterm_delivers_every_answered_reque
             run.send()
         run.note_children()
         assert len(set(run.answered.values()) & run.seen) >= 2, "several workers answered"
+        # On a loaded machine the third worker may still be booting: let it start first.
+        wait_until(lambda: run.log().count("Application startup complete") >= 3, 30,
+                   "the lifespan startup of all 3 workers")
         assert run.stop() == 0, run.log()[-5000:]
         # A worker elected the publisher, which outlives the workers and delivers what they shipped.
         wait_until(lambda: {e["rid"] for e in server.events()} >= set(run.answered), 20,
