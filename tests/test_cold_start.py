@@ -372,6 +372,12 @@ def test_a_new_publisher_imports_nothing_it_does_not_need_before_it_serves() -> 
     proc = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True,
                           timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
     assert proc.stdout.split() == [], proc.stdout
+    # With site (where the fast extra's isal is importable), ISA-L waits for the first batch.
+    with_site = ("import sys; import samsara_mp.publisher; "
+                 "print(sorted(m for m in ('isal', 'orjson') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", with_site], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
+    assert proc.stdout.split() == ["[]"], proc.stdout
 
 
 @pytest.mark.parametrize(("argv", "said"), [
