@@ -101,6 +101,23 @@ def _stop(master: subprocess.Popen[bytes], seen: set[int], publisher_pid: int | 
         _kill_if(publisher_pid, "samsara_mp.publisher")
 
 
+def _launch(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _session_once_up(
+    master: subprocess.Popen[bytes], port: int, log_path: Path
+) -> tuple[requests.Session, str]:
+    """A session to uWSGI, once it answers; its base URL."""
+    session = requests.Session()
+    session.headers["Connection"] = "close"  # neither server keeps connections alive
+    base = f"http://127.0.0.1:{port}/"
+    wait_until(lambda: master.poll() is not None or _get(session, base), 30, "uWSGI to answer")
+    assert master.poll() is None, log_path.read_text()
+    return session, base
+
+
 def _shut_down_gracefully(fifo: Path) -> None:
     """uWSGI 2.0's graceful shutdown: ``q`` on the master FIFO (no signal does it)."""
     fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails at once if the master is not reading
@@ -130,14 +147,10 @@ def test_every_answered_request_arrives_once_through_a_graceful_reload(
         *(["--enable-threads"] if threads else []),
     )
     log_path = tmp_path / "uwsgi.log"
-    with open(log_path, "wb") as log:
-        master = subprocess.Popen(
-            args, env=_env(server, runtime_dir), stdout=log, stderr=subprocess.STDOUT
-        )
+    master = _launch(args, _env(server, runtime_dir), log_path)
     channel = Channel(Config.build(env={}, url=server.url, channel=CHANNEL, runtime_dir=runtime_dir))
     seen: set[int] = set()
     publisher_pid: int | None = None
-    base = f"http://127.0.0.1:{port}/"
     answered: dict[int, int] = {}  # request id -> pid of the worker that answered
     modes: set[str] = set()
     sent = 0
@@ -153,10 +166,7 @@ def test_every_answered_request_arrives_once_through_a_graceful_reload(
         return got[0]
 
     try:
-        session = requests.Session()
-        session.headers["Connection"] = "close"  # neither server keeps connections alive
-        wait_until(lambda: master.poll() is not None or _get(session, base), 30, "uWSGI to answer")
-        assert master.poll() is None, log_path.read_text()
+        session, base = _session_once_up(master, port, log_path)
         for _ in range(100):
             send()
         info = wait_until(channel.read_info, 15, "a worker to elect a publisher")
@@ -239,19 +249,12 @@ def test_ship_after_request_leaves_nothing_staged_in_an_idle_worker(
     )
     python = str(Path(sys.prefix) / "bin" / "python")
     log_path = tmp_path / "uwsgi.log"
-    with open(log_path, "wb") as log:
-        master = subprocess.Popen(
-            _args(port, "--py-executable", python), env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    master = _launch(_args(port, "--py-executable", python), env, log_path)
     channel = Channel(Config.build(env={}, url=server.url, channel=CHANNEL, runtime_dir=runtime_dir))
     seen: set[int] = set()
     publisher_pid: int | None = None
     try:
-        session = requests.Session()
-        session.headers["Connection"] = "close"
-        base = f"http://127.0.0.1:{port}/"
-        wait_until(lambda: master.poll() is not None or _get(session, base), 30, "uWSGI to answer")
-        assert master.poll() is None, log_path.read_text()
+        session, base = _session_once_up(master, port, log_path)
         seen |= _children(master.pid)
         answers = {rid: _get(session, f"{base}?rid={rid}") for rid in range(4)}
         answered = {rid for rid, got in answers.items() if got is not None}
@@ -274,18 +277,12 @@ def test_a_worker_elects_a_publisher_without_py_executable(
     port = _free_port()
     env = _env(server, runtime_dir, SAMSARA_MP_EXIT_TIMEOUT="1000")
     log_path = tmp_path / "uwsgi.log"
-    with open(log_path, "wb") as log:
-        master = subprocess.Popen(
-            _args(port, "--enable-threads"), env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    master = _launch(_args(port, "--enable-threads"), env, log_path)
     channel = Channel(Config.build(env={}, url=server.url, channel=CHANNEL, runtime_dir=runtime_dir))
     seen: set[int] = set()
     publisher_pid: int | None = None
     try:
-        session = requests.Session()
-        session.headers["Connection"] = "close"  # neither server keeps connections alive
-        base = f"http://127.0.0.1:{port}/"
-        wait_until(lambda: master.poll() is not None or _get(session, base), 30, "uWSGI to answer")
+        session, base = _session_once_up(master, port, log_path)
         seen |= _children(master.pid)
         # Polled: on a loaded machine a worker's first request can outlast one GET's timeout.
         wait_until(lambda: _get(session, base + "?rid=0"), 30, "a recording request to be answered")
@@ -307,11 +304,7 @@ def test_the_example_ini_serves_and_delivers(
     )
     env = _env(server, runtime_dir, VIRTUAL_ENV=sys.prefix, SAMSARA_MP_SOURCE_ID="example-web")
     log_path = tmp_path / "uwsgi.log"
-    with open(log_path, "wb") as log:
-        master = subprocess.Popen(
-            [_uwsgi(), "--ini", str(ini), "--chdir", str(example), "--need-app"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
+    master = _launch([_uwsgi(), "--ini", str(ini), "--chdir", str(example), "--need-app"], env, log_path)
     channel = Channel(Config.build(env={}, url=server.url, channel=CHANNEL, runtime_dir=runtime_dir))
     seen: set[int] = set()
     publisher_pid: int | None = None
@@ -362,18 +355,10 @@ def test_a_stop_while_a_worker_finishes_an_answered_request(
         url=server.url, channel=CHANNEL, runtime_dir=runtime_dir, publish_interval=100,
         min_buffer_size=1, send_client_stats=False,
     ).start()
-    with open(log_path, "wb") as log:
-        master = subprocess.Popen(
-            _args(port, "--py-executable", python, "--master-fifo", str(fifo)),
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
+    master = _launch(_args(port, "--py-executable", python, "--master-fifo", str(fifo)), env, log_path)
     seen: set[int] = set()
     try:
-        session = requests.Session()
-        session.headers["Connection"] = "close"
-        base = f"http://127.0.0.1:{port}/"
-        wait_until(lambda: master.poll() is not None or _get(session, base), 30, "uWSGI to answer")
-        assert master.poll() is None, log_path.read_text()
+        session, base = _session_once_up(master, port, log_path)
         seen |= _children(master.pid)
         got = _get(session, base + "?rid=7")
         assert got is not None and got[1] == "inline", got
