@@ -58,6 +58,19 @@ def _restore_samsara_env() -> Iterator[None]:
         os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def _restore_process_owner() -> Iterator[None]:
+    """gunicorn's configure() and celery's setup() mark this process as the publisher's
+    owner (process.expect_owner()), which stops every later client's early launch: undo it."""
+    from samsara_mp import process
+
+    saved = process._owner_pid
+    try:
+        yield
+    finally:
+        process._owner_pid = saved
+
+
 @pytest.fixture
 def server() -> Iterator[IngestServer]:
     srv = IngestServer(store="memory")
