@@ -107,13 +107,10 @@ def gzip_level1() -> str:
 
 def gzip_bytes(data: bytes, level: int) -> bytes:
     """``data`` as one gzip member, compressed at ``level`` (1-9)."""
-    isal = _isal_zlib() if level == 1 else None
-    if isal is not None:
-        packer = isal.compressobj(1, isal.DEFLATED, 31)
-        packed: bytes = packer.compress(data) + packer.flush()
-        return packed
-    comp = zlib.compressobj(level, zlib.DEFLATED, 31)
-    return comp.compress(data) + comp.flush()
+    lib: Any = (_isal_zlib() if level == 1 else None) or zlib
+    comp = lib.compressobj(level, lib.DEFLATED, 31)
+    packed: bytes = comp.compress(data) + comp.flush()
+    return packed
 
 
 class Transport:
