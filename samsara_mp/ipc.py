@@ -8,6 +8,13 @@ send and receive, the handshake included, runs on a non-blocking socket
 under a deadline, and the server does each handshake on the connection's own
 thread, so one stuck peer cannot stall the others.
 
+The handshake is ``multiprocessing``'s challenge and response, with a keyed
+BLAKE2b MAC from CPython's built-in ``_blake2`` module instead of an HMAC from
+OpenSSL. A worker may make its first connection from an exit hook that runs
+after OpenSSL's own ``atexit`` cleanup (an idle uWSGI worker told to reload
+calls ``exit()`` from its signal handler, and C exit handlers run newest first):
+an OpenSSL HMAC there crashed the worker and lost what it had staged.
+
 Messages are tuples ``(method, args)``; answers are ``("ok", value)`` or
 ``("error", "message")``. The authkey file is the trust boundary: anyone who
 can read it can make the publisher unpickle what they send.
@@ -24,14 +31,16 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import (
-    Connection,
-    answer_challenge,
-    deliver_challenge,
-)
+from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["IPCError", "IPCTimeout", "TimedConnection", "connect", "Server"]
+try:  # CPython's own BLAKE2, never OpenSSL's: see _mac()
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - an interpreter without the _blake2 module
+    from hashlib import blake2b
+
+__all__ = ["IPCError", "IPCTimeout", "TimedConnection", "connect", "Server", "answer_challenge",
+           "deliver_challenge"]
 
 log = logging.getLogger("samsara_mp")
 
@@ -114,6 +123,50 @@ class TimedConnection(Connection):
         if kind != "ok":
             raise IPCError(errno.EPROTO, f"publisher refused {method}: {value}")
         return value
+
+
+_CHALLENGE = b"#SMP-CHALLENGE#"
+_WELCOME = b"#SMP-WELCOME#"
+_FAILURE = b"#SMP-FAILURE#"
+_NONCE_BYTES = 32
+_MAC_BYTES = 32
+
+
+def _mac(authkey: bytes, nonce: bytes) -> bytes:
+    """The answer to ``nonce``: BLAKE2b keyed with the authkey (at most 64 bytes)."""
+    return blake2b(nonce, key=authkey, digest_size=_MAC_BYTES, person=b"samsara-mp-ipc").digest()
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    """Compare in time independent of where they differ (without OpenSSL's compare)."""
+    if len(a) != len(b):
+        return False
+    diff = 0
+    for x, y in zip(a, b):
+        diff |= x ^ y
+    return diff == 0
+
+
+def deliver_challenge(conn: Connection, authkey: bytes) -> None:
+    """Challenge the peer to prove it holds ``authkey``; AuthenticationError when it does not."""
+    nonce = os.urandom(_NONCE_BYTES)
+    conn.send_bytes(_CHALLENGE + nonce)
+    response = conn.recv_bytes(256)  # refuses a longer message
+    if _same(response, _mac(authkey, nonce)):
+        conn.send_bytes(_WELCOME)
+    else:
+        conn.send_bytes(_FAILURE)
+        raise AuthenticationError("digest received was wrong")
+
+
+def answer_challenge(conn: Connection, authkey: bytes) -> None:
+    """Prove to the peer that we hold ``authkey``; AuthenticationError when it refuses."""
+    message = conn.recv_bytes(256)
+    if not message.startswith(_CHALLENGE) or len(message) != len(_CHALLENGE) + _NONCE_BYTES:
+        raise AuthenticationError("the peer's challenge is not samsara_mp's")
+    conn.send_bytes(_mac(authkey, message[len(_CHALLENGE):]))
+    if conn.recv_bytes(256) != _WELCOME:
+        raise AuthenticationError("digest sent was rejected")
 
 
 def connect(path: str, authkey: bytes, timeout: float) -> TimedConnection:

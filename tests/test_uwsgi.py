@@ -118,13 +118,26 @@ def _session_once_up(
     return session, base
 
 
-def _shut_down_gracefully(fifo: Path) -> None:
-    """uWSGI 2.0's graceful shutdown: ``q`` on the master FIFO (no signal does it)."""
+def _send_fifo(fifo: Path, command: bytes) -> None:
+    """One command to the master FIFO (``q``: graceful shutdown, ``r``: graceful reload)."""
     fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails at once if the master is not reading
     try:
-        os.write(fd, b"q")
+        os.write(fd, command)
     finally:
         os.close(fd)
+
+
+def _shut_down_gracefully(fifo: Path) -> None:
+    """uWSGI 2.0's graceful shutdown: ``q`` on the master FIFO (no signal does it)."""
+    _send_fifo(fifo, b"q")
+
+
+def _log_digest(log_path: Path) -> str:
+    """The uWSGI log without its request lines (the worker spawns, reloads and
+    everything the app and samsara_mp logged), cut to its last 8000 characters."""
+    lines = [line for line in log_path.read_text(errors="replace").splitlines()
+             if not line.startswith("[pid: ")]
+    return "\n".join(lines)[-8000:]
 
 
 def _balanced(stats: dict[str, Any]) -> bool:
@@ -213,7 +226,7 @@ def test_every_answered_request_arrives_once_through_a_graceful_reload(
             by = Counter(answered[rid] for rid in missing)
             raise AssertionError(
                 f"{exc}\nmissing {len(missing)} of {len(answered)}: {missing[:50]} by worker {dict(by)}"
-                f"\nstats {last.get('stats')}\nuWSGI log:\n{log_path.read_text()[-6000:]}"
+                f"\nstats {last.get('stats')}\nuWSGI log:\n{_log_digest(log_path)}"
             ) from None
         assert _balanced(stats), stats
         assert stats["dropped_overflow"] == stats["rejected"] == 0, stats
@@ -382,6 +395,58 @@ def test_a_stop_while_a_worker_finishes_an_answered_request(
             # staged event is lost, as the README says, and no hook ran to log it.
             assert rids == [], rids
             assert "Gracefully killing worker" not in log_path.read_text()
+    finally:
+        _stop(master, seen, None)
+        pub.stop()
+    leftover = [pid for pid in seen if _alive(pid)]
+    assert not leftover, f"workers left running: {leftover}"
+
+
+@pytest.mark.parametrize("command", [b"q", b"r"], ids=["shutdown", "reload"])
+def test_an_idle_worker_that_never_connected_ships_at_its_graceful_exit(
+    command: bytes, server: IngestServer, runtime_dir: str, tmp_path: Path
+) -> None:
+    # An idle worker told to go (graceful shutdown or reload) calls exit() from
+    # its signal handler. C atexit handlers run last-registered first, so once
+    # the worker has used OpenSSL (here hashlib, as any session or CSRF token
+    # does) OpenSSL's cleanup has run by the time uWSGI's exit hook calls ours.
+    # The worker's first connection is made there: its handshake must not need
+    # OpenSSL (an HMAC handshake crashed the worker, losing what it staged).
+    port = _free_port()
+    fifo = tmp_path / "master.fifo"
+    env = _env(server, runtime_dir, SAMSARA_MP_SHIPPER="inline")
+    python = str(Path(sys.prefix) / "bin" / "python")
+    log_path = tmp_path / "uwsgi.log"
+    pub = Publisher(
+        url=server.url, channel=CHANNEL, runtime_dir=runtime_dir, publish_interval=100,
+        min_buffer_size=1, send_client_stats=False,
+    ).start()
+    master = _launch(_args(port, "--py-executable", python, "--master-fifo", str(fifo)), env, log_path)
+    seen: set[int] = set()
+    try:
+        session, base = _session_once_up(master, port, log_path)
+        seen |= _children(master.pid)
+        got = wait_until(lambda: _get(session, base + "?rid=7&hash=x"), 30, "the recording request")
+        assert got[1] == "inline", got
+        # A lone inline event stays staged: nothing connects before the exit hook.
+        wait_until(lambda: "GET /?rid=7&hash=x " in log_path.read_text(), 10, "its request to be logged")
+        assert pub.stats()["clients_seen"] == 0
+        _send_fifo(fifo, command)
+        if command == b"r":
+            wait_until(lambda: log_path.read_text().count("spawned uWSGI worker 1 ") == 2, 30,
+                       "the reload's new workers")
+            seen |= _children(master.pid)
+        conn = pub.channel.connect(5.0)
+        try:
+            wait_until(lambda: server.event_count() >= 1 or conn.call("flush", 0.5, timeout=5.0)
+                       and server.event_count() >= 1, 15, "the exit hook's event to arrive")
+        finally:
+            conn.close()
+        digest = _log_digest(log_path)
+        assert "Segmentation Fault" not in digest, digest
+        assert [e["rid"] for e in server.events() if e["eventName"] == "test.request"] == [7]
+        _send_fifo(fifo, b"q")
+        assert master.wait(30) == 0, _log_digest(log_path)
     finally:
         _stop(master, seen, None)
         pub.stop()

@@ -6,7 +6,7 @@ The ``X-Shipper`` header says how this worker's client ships;
 SMP_TEST_SHIP_AFTER_REQUEST=1 turns on shipping after every request;
 SMP_TEST_AFTER_REQUEST_DELAY=<seconds> makes uWSGI's after-request hook sleep,
 holding the worker busy after its answer was sent (uWSGI closes the client's
-connection before it runs the hook).
+connection before it runs the hook). ``?hash=X`` hashes X with hashlib (OpenSSL).
 """
 
 from __future__ import annotations
@@ -41,6 +41,13 @@ client = get_client()
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     query = parse_qs(environ.get("QUERY_STRING", ""))
+    if "hash" in query:
+        # What a real app does when it first signs a session or a CSRF token in
+        # a worker: hashlib, imported there, initialises OpenSSL, which
+        # registers its cleanup with atexit() after uWSGI's exit hook.
+        import hashlib
+
+        hashlib.sha256(query["hash"][0].encode()).digest()
     if "rid" in query:
         client.record_event(eventName="test.request", rid=int(query["rid"][0]), pid=os.getpid())
     body = str(os.getpid()).encode()

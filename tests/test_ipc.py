@@ -1,0 +1,108 @@
+"""The IPC handshake: mutual proof of the authkey, and no OpenSSL on the way.
+
+A uWSGI worker may make its first connection from its exit hook, which runs
+after OpenSSL's atexit cleanup; ``test_uwsgi.py`` shows the crash end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+from samsara_mp.ipc import IPCError, Server, TimedConnection, connect
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Server, str]]:
+    path = str(tmp_path / "s.sock")
+    server = Server(path, KEY, lambda method, args: (method, args), handshake_timeout=2.0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server, path
+    finally:
+        server.close()
+        thread.join(5)
+        assert not thread.is_alive()
+
+
+def test_the_right_key_connects_and_calls(served: tuple[Server, str]) -> None:
+    _, path = served
+    conn = connect(path, KEY, 2.0)
+    try:
+        assert conn.call("echo", 1, "two", timeout=2.0) == ("echo", (1, "two"))
+    finally:
+        conn.close()
+
+
+def test_a_wrong_key_is_refused_and_the_server_serves_on(
+    served: tuple[Server, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, path = served
+    with pytest.raises(IPCError, match="handshake .* failed"):
+        connect(path, bytes(32), 2.0)
+    wait_until(lambda: "refused a connection" in caplog.text, 5, "the refusal to be logged")
+    conn = connect(path, KEY, 2.0)
+    try:
+        assert conn.call("ping", timeout=2.0)[0] == "ping"
+        assert server.clients == 1
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("answer", [b"", b"x" * 32, b"y" * 300], ids=["empty", "wrong", "oversized"])
+def test_a_bad_answer_to_the_challenge_is_refused(served: tuple[Server, str], answer: bytes) -> None:
+    _, path = served
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    conn = TimedConnection(sock.detach(), 2.0)
+    try:
+        challenge = conn.recv_bytes(256)
+        assert challenge.startswith(b"#SMP-CHALLENGE#") and len(challenge) == 15 + 32
+        conn.send_bytes(answer)
+        if len(answer) <= 256:
+            assert conn.recv_bytes(256) == b"#SMP-FAILURE#"
+        with pytest.raises((EOFError, OSError)):
+            conn.recv_bytes(256)  # and the server hangs up
+    finally:
+        conn.close()
+
+
+_NO_OPENSSL = textwrap.dedent(r"""
+    import sys, threading
+    from samsara_mp.ipc import Server, connect
+    path, key = sys.argv[1], bytes(range(32))
+    server = Server(path, key, lambda method, args: method)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    conn = connect(path, key, 5.0)
+    assert conn.call("ping", timeout=5.0) == "ping"
+    conn.close()
+    server.close()
+    print(sorted(m for m in ("_hashlib", "hmac", "_ssl", "hashlib") if m in sys.modules))
+""")
+
+
+def test_a_handshake_never_loads_openssl(tmp_path: Path) -> None:
+    # multiprocessing's handshake imports hmac (OpenSSL's HMAC) at its first use.
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_OPENSSL, str(tmp_path / "s.sock")],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=_root()),
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def _root() -> str:
+    root = str(Path(__file__).resolve().parent.parent)
+    return root + os.pathsep + os.environ.get("PYTHONPATH", "")
