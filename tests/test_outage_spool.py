@@ -125,18 +125,28 @@ def test_30000_events_from_7_workers_ride_out_an_outage_once_and_in_order(
         assert seqs[f"w{w}"] == list(range(n)), f"w{w} out of order or not once"
 
 
+def _recorded_and_waiting(pub: Publisher, n: int) -> dict[str, Any]:
+    """``pub``'s stats once it recorded ``n`` and waits out the injected 503's Retry-After."""
+    return wait_until(
+        lambda: (s := pub.stats())["recorded"] == n and s["failed_attempts"] == 1
+        and s["backoff_until"] and s, 10, f"{n} recorded and the publisher waiting out Retry-After")
+
+
 def test_a_publisher_killed_mid_outage_loses_only_what_it_held_in_memory(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:
     config = _spool_config(fast_config, max_buffer_size=2_000)
     server.set_online(False)
+    # The first try is answered 503 with a long Retry-After, and the kill waits for that
+    # answer: the killed publisher then has no POST in flight, which the server could
+    # still take once it is back online (and the second publisher would rightly resend).
+    server.inject(status=503, count=1, retry_after="60")
     first = Publisher(**config).start()
     try:
         with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
             _record(client, 0, 12_000)
             assert client.ship(timeout=20)
-        wait_until(lambda: first.stats()["recorded"] == 12_000, 10, "12000 recorded")
-        held = first.stats()
+        held = _recorded_and_waiting(first, 12_000)
         assert held["buffered"] == 2_000 and held["spooled"] == 10_000
     finally:
         _kill(first)
@@ -158,13 +168,13 @@ def test_a_torn_tail_and_a_corrupt_record_are_skipped_with_a_count_and_the_rest_
     # A 1.5 MiB bound: 192 KiB segments, so 7000 spooled events of ~140 bytes make several.
     config = _spool_config(fast_config, max_buffer_size=1_000, spool_max_bytes=3 << 19)
     server.set_online(False)
+    server.inject(status=503, count=1, retry_after="60")  # no POST in flight at the kill
     first = Publisher(**config).start()
     try:
         with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
             _record(client, 0, 8_000, pad="x" * 60)
             assert client.ship(timeout=20)
-        wait_until(lambda: first.stats()["recorded"] == 8_000, 10, "8000 recorded")
-        held = first.stats()
+        held = _recorded_and_waiting(first, 8_000)
         assert held["spooled"] == 7_000 and held["dropped_spool"] == 0, held
     finally:
         _kill(first)
