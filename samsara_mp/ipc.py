@@ -142,7 +142,7 @@ def _same(a: bytes, b: bytes) -> bool:
     if len(a) != len(b):
         return False
     diff = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         diff |= x ^ y
     return diff == 0
 
