@@ -65,13 +65,20 @@ def _threads(pid: int) -> int:
         return int(next(line.split()[1] for line in f if line.startswith("Threads:")))
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Run:
     """One server process tree, driven with requests; every process stopped by pid."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path, cwd: Path = APPS) -> None:
         self.log_path = log_path
         with open(log_path, "wb") as log:
-            self.master = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+            # SIGINT as a terminal gives it, even when this run inherited it ignored
+            # (a job started in the background): the tests stop servers as Ctrl-C does.
+            self.master = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                           preexec_fn=_default_sigint)
         self.seen: set[int] = set()
         self.answered: dict[int, int] = {}  # request id -> pid of the worker that answered
         self.sent = 0
@@ -273,8 +280,11 @@ def test_django_runserver_autoreloader_children_deliver_every_answered_request(
         info = _channel(server, runtime_dir).read_info()
 
         def reloaded() -> bool:
-            # Touched at every poll: the reloader's first look at a file only notes its mtime.
-            (site / "urls.py").touch()
+            # Touched at every poll while the first child lives (the reloader's first look
+            # at a file only notes its mtime), never after: a touch that the new child's
+            # reloader sees would replace it again, under the test's feet.
+            if alive(first):
+                (site / "urls.py").touch()
             return (pid := run.send()) is not None and pid != first
 
         wait_until(reloaded, 30, "the autoreloader to replace its child")
@@ -288,6 +298,8 @@ def test_django_runserver_autoreloader_children_deliver_every_answered_request(
         wait_until(lambda: not alive(second), 20, "the child to leave")
         os.kill(run.master.pid, signal.SIGINT)
         run.master.wait(20)
+        # No third child: nothing touched a file after the second one started.
+        assert run.log().count("Performing system checks") == 2, run.log()[-3000:]
         wait_until(lambda: {e["rid"] for e in server.events()} >= set(run.answered), 20,
                    "every answered request's event")
     finally:

@@ -373,8 +373,16 @@ def test_a_stop_while_a_worker_finishes_an_answered_request(
     try:
         session, base = _session_once_up(master, port, log_path)
         seen |= _children(master.pid)
-        got = _get(session, base + "?rid=7")
-        assert got is not None and got[1] == "inline", got
+        # uWSGI's http-socket resets the odd connection: try fresh ids until one is answered.
+        tried: list[int] = []
+
+        def answered_one() -> int | None:
+            tried.append(rid := 7 + len(tried))
+            got = _get(session, f"{base}?rid={rid}")
+            assert got is None or got[1] == "inline", got
+            return rid if got is not None else None
+
+        rid = wait_until(answered_one, 30, "a recording request to be answered")
         # The answer is in; its worker sleeps in the after-request hook for 2 s.
         if stop == "graceful":
             _shut_down_gracefully(fifo)
@@ -387,13 +395,14 @@ def test_a_stop_while_a_worker_finishes_an_answered_request(
         finally:
             conn.close()
         rids = [e["rid"] for e in server.events() if e["eventName"] == "test.request"]
+        assert set(rids) <= set(tried) and len(rids) == len(set(rids)), (rids, tried)
         if stop == "graceful":
             # The worker finished its request, then its exit hook shipped the event.
-            assert rids == [7], log_path.read_text()
+            assert rid in rids, _log_digest(log_path)
         else:
             # A brutal stop kills a busy worker without its exit hooks: the
             # staged event is lost, as the README says, and no hook ran to log it.
-            assert rids == [], rids
+            assert rid not in rids, rids
             assert "Gracefully killing worker" not in log_path.read_text()
     finally:
         _stop(master, seen, None)
