@@ -152,6 +152,7 @@ class Config:
         # An explicit None means "not given" (the environment may fill it in),
         # except for compression, where the original SDK spelled "none" as None.
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "compression"}
+        _warn_unknown_env(env)
         values: dict[str, Any] = {}
         for name in KEYS:
             if name in kwargs:
@@ -273,6 +274,12 @@ class Config:
             raise InvalidConfiguration(
                 "min_buffer_size",
                 f"{self.min_buffer_size} is larger than max_buffer_size {self.max_buffer_size}",
+            )
+        if self.max_event_bytes > self.max_batch_bytes:
+            raise InvalidConfiguration(
+                "max_event_bytes",
+                f"{self.max_event_bytes} is larger than max_batch_bytes {self.max_batch_bytes}: "
+                "such an event could never be sent",
             )
         if self.staging_bytes < self.max_event_bytes:
             raise InvalidConfiguration(
@@ -432,9 +439,36 @@ def _env_suffix(name: str) -> str:
     return name.upper()
 
 
+_ENV_NAMES = frozenset(ENV_PREFIX + _env_suffix(name) for name in KEYS)
+_warned_env: set[str] = set()
+
+
+def _warn_unknown_env(env: Mapping[str, str]) -> None:
+    """Log (once per name) a ``SAMSARA_MP_*`` variable that names no key: a typo would
+    otherwise be silently ignored."""
+    unknown = [k for k in env if k.startswith(ENV_PREFIX) and k not in _ENV_NAMES
+               and k not in _warned_env]
+    if not unknown:
+        return
+    import difflib  # here: only when something is misspelt
+
+    for name in unknown:
+        _warned_env.add(name)
+        suffixes = sorted(n[len(ENV_PREFIX):] for n in _ENV_NAMES)
+        close = difflib.get_close_matches(name[len(ENV_PREFIX):], suffixes, n=1)
+        log.warning("samsara_mp: environment variable %s is not a setting; ignored%s", name,
+                    f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else "")
+
+
 def _check_url(url: object) -> None:
     if not isinstance(url, str) or not url:
         raise InvalidConfiguration("url", "must be a non-empty string")
+    bad = next((i for i, c in enumerate(url) if c.isspace() or ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        # Where, not what: the URL may hold credentials.
+        raise InvalidConfiguration(
+            "url", f"holds a space or control character at position {bad} (percent-encode it)"
+        )
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -467,9 +501,17 @@ def _check_headers(headers: object) -> None:
         raise InvalidConfiguration(
             "headers", f"must be a mapping of header names to strings, not {type(headers).__name__}"
         )
-    for name, value in headers.items():
-        if not isinstance(name, str) or not _TOKEN_RE.match(name):
-            raise InvalidConfiguration("headers", f"{name!r} is not a valid HTTP header name")
+    for index, (name, value) in enumerate(headers.items()):
+        if not isinstance(name, str):
+            raise InvalidConfiguration(
+                "headers", f"header #{index + 1}'s name must be a string, not {type(name).__name__}"
+            )
+        if not _TOKEN_RE.match(name):
+            # Not echoed: a name that is not a token is often a whole "Name: secret" line.
+            raise InvalidConfiguration(
+                "headers", f"header #{index + 1}'s name ({len(name)} characters) is not a valid "
+                "HTTP header name (letters, digits and !#$%&'*+.^_`|~- only)"
+            )
         if name.lower() in _RESERVED_HEADERS:
             raise InvalidConfiguration("headers", f"{name!r} is set by samsara_mp itself")
         # The value is secret: say what is wrong with it, never what it is.
@@ -497,11 +539,14 @@ def _parse_bool(name: str, raw: str) -> bool:
     raise InvalidConfiguration(name, f"environment value {raw!r} is not a boolean")
 
 
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
 def _parse_int(name: str, raw: str) -> int:
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise InvalidConfiguration(name, f"environment value {raw!r} is not an integer") from None
+    text = raw.strip()  # surrounding blanks, as an env file may leave them; nothing else
+    if not _INT_RE.fullmatch(text):
+        raise InvalidConfiguration(name, f"environment value {raw!r} is not an integer")
+    return int(text)
 
 
 def _parse_headers(name: str, raw: str) -> dict[str, str]:

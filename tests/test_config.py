@@ -55,6 +55,10 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"backoff_base": 100, "backoff_cap": 10}, "backoff_cap"),
     ({"runtime_dir": ""}, "runtime_dir"),
     ({"no_such_key": 1}, "no_such_key"),
+    ({"url": "http://host/a path"}, "url"),
+    ({"url": "http://host/\x00"}, "url"),
+    ({"max_event_bytes": 10**12}, "max_event_bytes"),
+    ({"max_event_bytes": 2 << 20, "staging_bytes": 1 << 20}, "staging_bytes"),
 ]
 
 
@@ -157,3 +161,45 @@ def test_to_dict_builds_the_same_config_in_another_process() -> None:
     assert Config.build(env={}, **data) == config
     data["headers"]["X-A"] = "changed"
     assert config.headers == {"X-A": "b"}, "to_dict copies the headers"
+
+
+@pytest.mark.parametrize("raw", ["1_000", "0x10", "1e3", "10 000", ""])
+def test_an_environment_integer_is_plain_digits(raw: str) -> None:
+    with pytest.raises(InvalidConfiguration) as info:
+        Config.build(env={"SAMSARA_MP_URL": URL, "SAMSARA_MP_STAGING_SIZE": raw})
+    assert info.value.key == "staging_size" and repr(raw) in str(info.value)
+
+
+def test_an_environment_integer_may_keep_surrounding_blanks() -> None:
+    assert Config.build(env={"SAMSARA_MP_URL": URL, "SAMSARA_MP_STAGING_SIZE": " 100\n"}).staging_size == 100
+
+
+def test_a_url_with_a_space_is_refused_without_echoing_its_credentials() -> None:
+    with pytest.raises(InvalidConfiguration) as info:
+        Config.build(env={}, url="https://user:s3cret@host/a b")
+    assert info.value.key == "url" and "position 26" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_an_invalid_header_name_is_not_echoed() -> None:
+    # A whole "Name: value" line given as a name is the usual mistake.
+    with pytest.raises(InvalidConfiguration) as info:
+        Config.build(env={}, url=URL, headers={"X-Ok": "1", "Authorization: Bearer s3cret": "x"})
+    assert info.value.key == "headers" and "header #2" in str(info.value)
+    assert "s3cret" not in str(info.value) and "Bearer" not in str(info.value)
+
+
+def test_a_misspelt_environment_variable_is_logged_once_with_a_suggestion(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {"SAMSARA_MP_URL": URL, "SAMSARA_MP_PUBLISH_INTERVL": "5", "SAMSARA_MP_QQQQQQ": "1"}
+    samsara_mp.config._warned_env.clear()
+    with caplog.at_level("WARNING", logger="samsara_mp"):
+        Config.build(env=env)
+        Config.build(env=env)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines.count(
+        "samsara_mp: environment variable SAMSARA_MP_PUBLISH_INTERVL is not a setting; ignored "
+        "(did you mean SAMSARA_MP_PUBLISH_INTERVAL?)") == 1
+    assert lines.count("samsara_mp: environment variable SAMSARA_MP_QQQQQQ is not a setting; ignored") == 1
+    assert len(lines) == 2
