@@ -49,7 +49,7 @@ _PUBLISHER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("publish_interval", "MS", "publish at least this often (default 30000)"),
     ("max_buffer_size", "N", "bound of the shared buffer; the oldest events drop past it"),
     ("min_buffer_size", "N", "events needed before an interval publishes (default 100)"),
-    ("send_timeout", "MS", "HTTP connect/read timeout (default 30000)"),
+    ("send_timeout", "MS", "bound on a whole POST: connect, send and answer (default 30000)"),
     ("shutdown_timeout", "MS", "how long a stop may drain before spooling (default 10000)"),
     ("max_batch_size", "N", "events per POST at most (default 5000)"),
     ("max_batch_bytes", "BYTES", "uncompressed bytes per POST at most"),
@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help=f"Ingestion API base URL (default: {ENV_PREFIX}URL)")
     p.add_argument("--source-id", default=None, help="sourceId when the event has none "
                    f"(default: {ENV_PREFIX}SOURCE_ID, else the host name)")
-    p.add_argument("--send-timeout", type=int, default=None, metavar="MS")
+    p.add_argument("--send-timeout", type=int, default=None, metavar="MS",
+                   help="bound on the whole POST: connect, send and answer (default 30000)")
     p.add_argument("--compression", choices=("gzip", "none"), default=None)
     p.add_argument("fields", nargs="+", metavar="key=value",
                    help="eventName=... [sourceId=...] [timestamp=MS] [property=value ...]")
