@@ -109,7 +109,8 @@ class PublishLoop:
         target = self.buffer.tail_seq
         with self._lock:
             self._flush_target = max(self._flush_target, target)
-            # A flush means "try now": it cuts a backoff wait short, once.
+            # A flush means "try now": it cuts a backoff wait short, once (not a
+            # Retry-After the API gave: see _backoff).
             self._kick = True
         self.buffer.wake()
         return target
@@ -308,8 +309,13 @@ class PublishLoop:
         if self._draining:
             delay = min(delay, max(self._drain_deadline - time.monotonic(), 0.0))
         self.stats["backoff_until"] = time.time() + delay
-        # A flush request or a stop cuts the wait short; new pushes do not.
-        self.buffer.wait(lambda: self._stop.is_set() or self._kick, delay)
+        # A stop cuts the wait short; new pushes do not. A flush request cuts our own
+        # backoff short, but never the API's Retry-After: only a stop (or the end of
+        # a drain, bounded above) sends before the API said it would take more.
+        if outcome.retry_after is not None and not self._draining:
+            self.buffer.wait(lambda: self._stop.is_set() or self._draining, delay)
+        else:
+            self.buffer.wait(lambda: self._stop.is_set() or self._kick, delay)
         with self._lock:
             self._kick = False
         self.stats["backoff_until"] = None

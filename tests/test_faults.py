@@ -107,6 +107,29 @@ def test_retry_after_http_date_is_honoured(server: IngestServer, fast_config: di
     assert _seqs(server) == list(range(10))
 
 
+def test_flush_does_not_cut_the_apis_retry_after_short(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    server.inject(status=503, count=1, retry_after="3")
+
+    def posts() -> int:
+        return sum(r["path"].endswith("/v1/events") for r in server.requests())
+
+    with Publisher(**fast_config) as pub:
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **fast_config) as client:
+            _record(client, 10)
+            assert client.ship(timeout=10)
+            wait_until(lambda: (s := pub.stats())["failed_attempts"] == 1 and s["backoff_until"],
+                       10, "the 503 and its Retry-After")
+            # Impatient flushes inside the 3 s the API asked for: none may send.
+            for _ in range(4):
+                assert not client.flush(timeout=0.25)
+            assert posts() == 1 and pub.stats()["backoff_until"], server.requests()
+            assert client.flush(timeout=30)  # once the Retry-After has passed
+        assert posts() == 2 and pub.stats()["retries"] == 1
+    assert _seqs(server) == list(range(10))
+
+
 def test_long_outage_fills_the_buffer_then_drops_the_oldest(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:
