@@ -342,9 +342,12 @@ class SamsaraClient:
             return True
         if timeout is None:
             timeout = self.config.ipc_timeout_s * 2
+        deadline = time.monotonic() + timeout
         shipped = self.ship(timeout)
         self.closed = True
-        self._shipper.stop_thread(max(self.config.ipc_timeout_s, 1.0))
+        # Within the same bound: a thread stuck in a push to a stuck publisher
+        # is a daemon, and is not waited for past it.
+        self._shipper.stop_thread(max(deadline - time.monotonic(), 0.05))
         if not shipped:
             push = self._shipper.pending
             left = self._staging.discard() + (len(push.payloads) if push and not push.sent else 0)

@@ -24,7 +24,7 @@ from typing import Any
 from .channel import Channel, Launch
 from .config import Config
 from .errors import ChannelError
-from .ipc import IPCError, TimedConnection
+from .ipc import IPCError, IPCTimeout, TimedConnection
 from .staging import Push, Staging
 
 __all__ = ["Shipper", "INLINE_BUDGET"]
@@ -319,19 +319,28 @@ class Shipper:
         self, method: str, *args: Any, timeout: float, elect: bool = False, deadline: float | None = None
     ) -> Any:
         """One request on this process's connection, retried once on a connection
-        that died (the publisher was replaced since it was opened)."""
-        with self.lock:
+        that died (the publisher was replaced since it was opened).
+
+        ``timeout`` bounds the whole call, the wait for the connection's lock
+        included (the shipper thread may hold it through a push to a stuck
+        publisher), so that ``stats()`` takes ``ipc_timeout`` at most."""
+        end = time.monotonic() + timeout
+        if not self.lock.acquire(timeout=timeout):
+            raise IPCTimeout(errno.ETIMEDOUT, "the connection stayed busy with a push")
+        try:
             for attempt in (1, 2):
                 if self.awaiting:
-                    self._read_answer(self.config.ipc_timeout_s)
+                    self._read_answer(self._bounded(self.config.ipc_timeout_s, end))
                 fresh = self.conn is None
                 try:
-                    conn = self.connection(elect=elect, deadline=deadline)
-                    return conn.call(method, *args, timeout=timeout)
+                    conn = self.connection(elect=elect, deadline=deadline if elect else end)
+                    return conn.call(method, *args, timeout=self._bounded(timeout, end))
                 except (EOFError, OSError) as exc:
                     self.drop_connection()
                     if fresh or attempt == 2 or isinstance(exc, TimeoutError):
                         raise
+        finally:
+            self.lock.release()
         raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -214,6 +214,43 @@ def test_ship_and_flush_keep_their_timeout_with_a_frozen_publisher(
     assert _seqs(server, "during") == list(range(10))
 
 
+def test_stats_and_close_keep_their_bound_while_the_shipper_is_stuck_on_a_frozen_publisher(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # The shipper thread holds the connection through a push for up to ipc_timeout;
+    # stats() and close(timeout) must not add that wait to their own.
+    config = dict(fast_config, ipc_timeout=3_000)
+    with Publisher(**config) as pub:
+        assert pub.pid is not None
+        client = SamsaraClient(sourceId="s", start_publishing_thread=False, **config)
+        try:
+            _record(client, 10, "before")
+            assert client.flush(timeout=10)
+            os.kill(pub.pid, signal.SIGSTOP)
+            try:
+                def shipper_busy() -> bool:
+                    _record(client, 1, "during")  # something for the thread to push
+                    if client._shipper.lock.acquire(blocking=False):
+                        client._shipper.lock.release()
+                        return False
+                    return True
+
+                wait_until(shipper_busy, 10, "the shipper thread to be stuck in a push")
+                started = time.monotonic()
+                stats = client.stats()
+                assert time.monotonic() - started < 3.8 and stats["channel"] is None, stats
+                wait_until(shipper_busy, 10, "the shipper thread to be stuck again")
+                started = time.monotonic()
+                assert client.close(timeout=1.0) is False
+                assert time.monotonic() - started < 1.6
+                assert client.discarded > 0
+            finally:
+                os.kill(pub.pid, signal.SIGCONT)
+        finally:
+            client.close()
+    assert _seqs(server, "before") == list(range(10))
+
+
 def test_a_connection_opened_under_a_short_deadline_keeps_the_full_ipc_timeout(
     publisher: Publisher, fast_config: dict[str, Any]
 ) -> None:
