@@ -347,7 +347,7 @@ class SamsaraClient:
         self.closed = True
         # Within the same bound: a thread stuck in a push to a stuck publisher
         # is a daemon, and is not waited for past it.
-        self._shipper.stop_thread(max(deadline - time.monotonic(), 0.05))
+        ended = self._shipper.stop_thread(max(deadline - time.monotonic(), 0.05))
         if not shipped:
             push = self._shipper.pending
             left = self._staging.discard() + (len(push.payloads) if push and not push.sent else 0)
@@ -357,7 +357,7 @@ class SamsaraClient:
                     "samsara_mp: %d staged events discarded: no publisher of channel %s took them "
                     "within %.1fs", left, self.channel.name, timeout,
                 )
-        self._shipper.drop_connection()
+        self._shipper.close_connection(ended)
         process.unregister(self)
         return shipped
 

@@ -79,6 +79,8 @@ class TimedConnection(Connection):
 
     def _send(self, buf: Any, write: Callable[[int, Any], int] = os.write) -> None:
         handle = self._handle  # type: ignore[attr-defined]
+        if handle is None:
+            raise OSError(errno.EBADF, "connection closed")
         deadline = time.monotonic() + self.timeout
         view = memoryview(buf)
         while view:
@@ -93,6 +95,8 @@ class TimedConnection(Connection):
         import io
 
         handle = self._handle  # type: ignore[attr-defined]
+        if handle is None:
+            raise OSError(errno.EBADF, "connection closed")
         deadline = time.monotonic() + self.timeout
         buf = io.BytesIO()
         remaining = size

@@ -17,6 +17,7 @@ import errno
 import importlib
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -94,12 +95,31 @@ class Shipper:
             self.thread = thread
             return True
 
-    def stop_thread(self, timeout: float) -> None:
+    def stop_thread(self, timeout: float) -> bool:
+        """Ask the thread to stop and wait up to ``timeout``; True when it has ended
+        (or never ran)."""
         self.stopping.set()
         self.wake.set()
         thread = self.thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def close_connection(self, thread_ended: bool) -> None:
+        """Close the connection at ``close()``. While the thread may still be in a
+        push on it, only shut the socket down: that wakes the thread with an error
+        and it closes the descriptor itself, so the number is never reused under it
+        (an fd the application opened next would get its reads and writes)."""
+        conn = self.conn
+        if thread_ended or conn is None or conn.closed:
+            self.drop_connection()
+            return
+        try:
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _run(self) -> None:
         # Supervised: an unexpected error is logged and counted, and the loop goes on.
@@ -110,6 +130,8 @@ class Shipper:
                 self.thread_errors += 1
                 log.exception("samsara_mp: shipper thread error %d; carrying on", self.thread_errors)
                 self.stopping.wait(min(0.05 * self.thread_errors, 1.0))
+        with self.lock:
+            self.drop_connection()  # stopped by close(), which may have left it to us
 
     def _ship_loop(self) -> None:
         delay = self.config.ship_delay_s

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -249,6 +252,57 @@ def test_stats_and_close_keep_their_bound_while_the_shipper_is_stuck_on_a_frozen
         finally:
             client.close()
     assert _seqs(server, "before") == list(range(10))
+
+
+_FD_REUSE = r"""
+import os, signal, sys, tempfile, time
+from samsara_mp import Publisher, SamsaraClient
+url, runtime_dir, scratch = sys.argv[1:4]
+cfg = dict(url=url, runtime_dir=runtime_dir, channel="t", publish_interval=50, min_buffer_size=1,
+           send_client_stats=False, ipc_timeout=3000)
+pub = Publisher(**cfg).start()
+try:
+    client = SamsaraClient(sourceId="s", start_publishing_thread=False, **cfg)
+    client.record_event(eventName="before")
+    assert client.flush(timeout=10)
+    os.kill(pub.pid, signal.SIGSTOP)
+    try:
+        shipper, end = client._shipper, time.monotonic() + 10
+        while time.monotonic() < end:  # until the thread is stuck in a push
+            client.record_event(eventName="during")
+            time.sleep(0.02)
+            if not shipper.lock.acquire(blocking=False):
+                break
+            shipper.lock.release()
+        assert not client.close(timeout=0.3) and shipper.thread.is_alive()
+        # The application opens files at once: the lowest free numbers.
+        fds = [os.open(os.path.join(scratch, f"f{i}"), os.O_RDWR | os.O_CREAT, 0o600) for i in range(4)]
+        for fd in fds:
+            os.write(fd, b"APPLICATION DATA " * 64)
+            os.lseek(fd, 0, os.SEEK_SET)
+        shipper.thread.join(10)
+        print("offsets", [os.lseek(fd, 0, os.SEEK_CUR) for fd in fds], "errors", shipper.thread_errors,
+              "alive", shipper.thread.is_alive())
+    finally:
+        os.kill(pub.pid, signal.SIGCONT)
+finally:
+    pub.stop()
+"""
+
+
+def test_close_never_frees_a_descriptor_the_stuck_shipper_thread_still_uses(
+    server: IngestServer, runtime_dir: str, tmp_path: Path
+) -> None:
+    # close(timeout) returns while the thread is in a push: if it closed the
+    # socket's descriptor, the next file the application opened would get the
+    # number, and the thread would read from it (or write pickled events into it).
+    out = subprocess.run(
+        [sys.executable, "-c", _FD_REUSE, server.url, runtime_dir, str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["offsets", "[0,", "0,", "0,", "0]", "errors", "0", "alive", "False"], \
+        out.stdout + out.stderr
 
 
 def test_a_connection_opened_under_a_short_deadline_keeps_the_full_ipc_timeout(
