@@ -275,13 +275,13 @@ class Config:
                 "min_buffer_size",
                 f"{self.min_buffer_size} is larger than max_buffer_size {self.max_buffer_size}",
             )
-        if self.max_event_bytes > self.max_batch_bytes:
-            raise InvalidConfiguration(
-                "max_event_bytes",
-                f"{self.max_event_bytes} is larger than max_batch_bytes {self.max_batch_bytes}: "
-                "such an event could never be sent",
-            )
         if self.staging_bytes < self.max_event_bytes:
+            # Named by the key moved off its default (staging_bytes when both were).
+            if self.staging_bytes == Config.staging_bytes:
+                raise InvalidConfiguration(
+                    "max_event_bytes",
+                    f"{self.max_event_bytes} is larger than staging_bytes {self.staging_bytes}",
+                )
             raise InvalidConfiguration(
                 "staging_bytes",
                 f"{self.staging_bytes} is smaller than max_event_bytes {self.max_event_bytes}",

@@ -57,7 +57,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"no_such_key": 1}, "no_such_key"),
     ({"url": "http://host/a path"}, "url"),
     ({"url": "http://host/\x00"}, "url"),
-    ({"max_event_bytes": 10**12}, "max_event_bytes"),
+    ({"max_event_bytes": 10**12}, "max_event_bytes"),  # past the default staging_bytes
     ({"max_event_bytes": 2 << 20, "staging_bytes": 1 << 20}, "staging_bytes"),
 ]
 
@@ -203,3 +203,9 @@ def test_a_misspelt_environment_variable_is_logged_once_with_a_suggestion(
         "(did you mean SAMSARA_MP_PUBLISH_INTERVAL?)") == 1
     assert lines.count("samsara_mp: environment variable SAMSARA_MP_QQQQQQ is not a setting; ignored") == 1
     assert len(lines) == 2
+
+
+def test_a_batch_bound_below_the_event_bound_is_accepted() -> None:
+    # A batch always takes at least one event: a small max_batch_bytes only means
+    # that a large event goes alone.
+    assert Config.build(env={}, url=URL, max_batch_bytes=32_768).max_batch_bytes == 32_768
