@@ -278,12 +278,26 @@ class SamsaraClient:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
+        ipc = self.config.ipc_timeout_s
         try:
-            return bool(self._shipper.call("flush", left, timeout=left + self.config.ipc_timeout_s,
-                                           elect=True, deadline=deadline))
+            # On a connection of its own: the wait (a Retry-After may make it long)
+            # must not hold the shipper's, or the thread, ship() and stats() would
+            # wait behind it.
+            conn = self.channel.connect(min(ipc, left))
+        except _IPC_ERRORS:
+            conn = None
+        try:
+            if conn is not None:
+                return bool(conn.call("flush", left, timeout=left + ipc))
+            # No publisher answered: the shipper's connection elects one.
+            return bool(self._shipper.call("flush", left, timeout=left + ipc, elect=True,
+                                           deadline=deadline))
         except _IPC_ERRORS as exc:
             log.warning("samsara_mp: flush could not reach the publisher: %s", exc)
             return False
+        finally:
+            if conn is not None:
+                conn.close()
 
     def stats(self) -> dict[str, Any]:
         """This process's counters, and the channel's from its publisher when reachable."""

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from email.utils import formatdate
 from pathlib import Path
@@ -131,6 +132,38 @@ def test_flush_does_not_cut_the_apis_retry_after_short(
             assert client.flush(timeout=30)  # once the Retry-After has passed
         assert posts() == 2 and pub.stats()["retries"] == 1
     assert _seqs(server) == list(range(10))
+
+
+def test_a_flush_waiting_out_a_retry_after_does_not_block_shipping_or_stats(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    server.inject(status=503, count=1, retry_after="20")
+    with Publisher(**fast_config) as pub:
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **fast_config) as client:
+            _record(client, 5)
+            assert client.ship(timeout=10)
+            wait_until(lambda: pub.stats()["failed_attempts"] == 1, 10, "the 503")
+            results: list[bool] = []
+            flusher = threading.Thread(target=lambda: results.append(client.flush(timeout=6)))
+            flusher.start()
+            try:
+                lock = client._shipper.lock
+
+                def flush_waits() -> bool:  # on the publisher, whichever connection it took
+                    if lock.acquire(blocking=False):
+                        lock.release()
+                        return bool(pub.stats()["connected_clients"] >= 2)
+                    return True
+
+                wait_until(flush_waits, 5, "the flush to wait on the publisher")
+                client.record_event(eventName="test.event", seq=5)
+                assert client.ship(timeout=1.0), "ship() waited behind the flush"
+                assert client.stats()["channel"] is not None, "stats() waited behind the flush"
+                assert flusher.is_alive()  # still waiting out the Retry-After
+            finally:
+                flusher.join(10)
+            assert results == [False]
+            server.clear_faults()
 
 
 def test_long_outage_fills_the_buffer_then_drops_the_oldest(
