@@ -1,19 +1,23 @@
 """IPC between workers and the publisher, with a deadline on every wait.
 
 Built on ``multiprocessing.connection`` (the transport under
-``multiprocessing.managers``: Unix socket, HMAC authkey handshake, pickled
+``multiprocessing.managers``: Unix socket, authkey challenge, pickled
 messages). The manager's proxies cannot bound a call: a publisher that is
 SIGSTOPped or deadlocked would hang a worker's shipper for ever. Here every
 send and receive, the handshake included, runs on a non-blocking socket
 under a deadline, and the server does each handshake on the connection's own
 thread, so one stuck peer cannot stall the others.
 
-The handshake is ``multiprocessing``'s challenge and response, with a keyed
-BLAKE2b MAC from CPython's built-in ``_blake2`` module instead of an HMAC from
-OpenSSL. A worker may make its first connection from an exit hook that runs
-after OpenSSL's own ``atexit`` cleanup (an idle uWSGI worker told to reload
-calls ``exit()`` from its signal handler, and C exit handlers run newest first):
-an OpenSSL HMAC there crashed the worker and lost what it had staged.
+The handshake is ``multiprocessing``'s mutual challenge and response, with a
+keyed BLAKE2b MAC from CPython's built-in ``_blake2`` module instead of an HMAC
+from OpenSSL, personalised per direction (a challenge cannot be reflected). A
+worker may make its first connection from an exit hook that runs after
+OpenSSL's own ``atexit`` cleanup (an idle uWSGI worker told to reload calls
+``exit()`` from its signal handler, and C exit handlers run newest first): an
+OpenSSL HMAC there crashed the worker and lost what it had staged. A client
+still answers an older samsara_mp publisher's ``multiprocessing`` challenge, so
+workers of a new release can use a publisher started by an old one until it
+is replaced; only that path uses OpenSSL.
 
 Messages are tuples ``(method, args)``; answers are ``("ok", value)`` or
 ``("error", "message")``. The authkey file is the trust boundary: anyone who
@@ -69,13 +73,13 @@ class TimedConnection(Connection):
     def _wait(self, handle: int, for_write: bool, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise IPCTimeout(errno.ETIMEDOUT, "publisher did not answer in time")
+            raise IPCTimeout(errno.ETIMEDOUT, "no answer in time")
         if for_write:
             ready = select.select([], [handle], [], remaining)[1]
         else:
             ready = select.select([handle], [], [], remaining)[0]
         if not ready:
-            raise IPCTimeout(errno.ETIMEDOUT, "publisher did not answer in time")
+            raise IPCTimeout(errno.ETIMEDOUT, "no answer in time")
 
     def _send(self, buf: Any, write: Callable[[int, Any], int] = os.write) -> None:
         handle = self._handle  # type: ignore[attr-defined]
@@ -134,11 +138,17 @@ _WELCOME = b"#SMP-WELCOME#"
 _FAILURE = b"#SMP-FAILURE#"
 _NONCE_BYTES = 32
 _MAC_BYTES = 32
+# Who answers: a client's answer never serves as the publisher's, and back.
+CLIENT = b"smp-ipc-client"
+SERVER = b"smp-ipc-server"
+# An older samsara_mp publisher speaks multiprocessing's own handshake.
+_LEGACY_CHALLENGE = b"#CHALLENGE#"
+_LEGACY_WELCOME = b"#WELCOME#"
 
 
-def _mac(authkey: bytes, nonce: bytes) -> bytes:
-    """The answer to ``nonce``: BLAKE2b keyed with the authkey (at most 64 bytes)."""
-    return blake2b(nonce, key=authkey, digest_size=_MAC_BYTES, person=b"samsara-mp-ipc").digest()
+def _mac(authkey: bytes, nonce: bytes, answerer: bytes) -> bytes:
+    """``answerer``'s answer to ``nonce``: BLAKE2b keyed with the authkey (at most 64 bytes)."""
+    return blake2b(nonce, key=authkey, digest_size=_MAC_BYTES, person=answerer).digest()
 
 
 def _same(a: bytes, b: bytes) -> bool:
@@ -151,26 +161,50 @@ def _same(a: bytes, b: bytes) -> bool:
     return diff == 0
 
 
-def deliver_challenge(conn: Connection, authkey: bytes) -> None:
-    """Challenge the peer to prove it holds ``authkey``; AuthenticationError when it does not."""
+def deliver_challenge(conn: Connection, authkey: bytes, answerer: bytes) -> None:
+    """Challenge the peer (``answerer``: CLIENT or SERVER) to prove it holds ``authkey``;
+    AuthenticationError when it does not."""
     nonce = os.urandom(_NONCE_BYTES)
     conn.send_bytes(_CHALLENGE + nonce)
     response = conn.recv_bytes(256)  # refuses a longer message
-    if _same(response, _mac(authkey, nonce)):
+    if _same(response, _mac(authkey, nonce, answerer)):
         conn.send_bytes(_WELCOME)
     else:
         conn.send_bytes(_FAILURE)
         raise AuthenticationError("digest received was wrong")
 
 
-def answer_challenge(conn: Connection, authkey: bytes) -> None:
-    """Prove to the peer that we hold ``authkey``; AuthenticationError when it refuses."""
+def answer_challenge(conn: Connection, authkey: bytes, answerer: bytes) -> bool:
+    """Prove to the peer that we (``answerer``) hold ``authkey``; AuthenticationError
+    when it refuses. False when the peer is an older samsara_mp publisher, which
+    asked with ``multiprocessing``'s challenge (answered, and then challenged, its way)."""
     message = conn.recv_bytes(256)
+    if message.startswith(_LEGACY_CHALLENGE) and answerer == CLIENT:
+        _answer_legacy(conn, authkey, message[len(_LEGACY_CHALLENGE):])
+        return False
     if not message.startswith(_CHALLENGE) or len(message) != len(_CHALLENGE) + _NONCE_BYTES:
         raise AuthenticationError("the peer's challenge is not samsara_mp's")
-    conn.send_bytes(_mac(authkey, message[len(_CHALLENGE):]))
+    conn.send_bytes(_mac(authkey, message[len(_CHALLENGE):], answerer))
     if conn.recv_bytes(256) != _WELCOME:
         raise AuthenticationError("digest sent was rejected")
+    return True
+
+
+def _answer_legacy(conn: Connection, authkey: bytes, message: bytes) -> None:
+    """Answer an older publisher's challenge as ``multiprocessing.connection`` does
+    (3.12+: ``{digest}`` prefixed, else an HMAC-MD5), then challenge it its way."""
+    import hmac  # OpenSSL: only for a publisher of an older release
+    from multiprocessing import connection as mpc
+
+    create = getattr(mpc, "_create_response", None)
+    if create is not None:
+        response = create(authkey, message)
+    else:  # pragma: no cover - Python 3.11's multiprocessing
+        response = hmac.new(authkey, message, "md5").digest()
+    conn.send_bytes(response)
+    if conn.recv_bytes(256) != _LEGACY_WELCOME:
+        raise AuthenticationError("digest sent was rejected")
+    mpc.deliver_challenge(conn, authkey)
 
 
 def connect(path: str, authkey: bytes, timeout: float) -> TimedConnection:
@@ -192,8 +226,8 @@ def connect(path: str, authkey: bytes, timeout: float) -> TimedConnection:
     conn = TimedConnection(sock.detach(), timeout)
     conn.sndbuf = sndbuf
     try:
-        answer_challenge(conn, authkey)
-        deliver_challenge(conn, authkey)
+        if answer_challenge(conn, authkey, CLIENT):
+            deliver_challenge(conn, authkey, SERVER)
     except (AuthenticationError, EOFError, OSError) as exc:
         conn.close()
         if isinstance(exc, IPCError):
@@ -248,8 +282,8 @@ class Server:
         client.setblocking(True)
         conn = TimedConnection(client.detach(), self._handshake_timeout)
         try:
-            deliver_challenge(conn, self._authkey)
-            answer_challenge(conn, self._authkey)
+            deliver_challenge(conn, self._authkey, CLIENT)
+            answer_challenge(conn, self._authkey, SERVER)
         except (AuthenticationError, EOFError, OSError) as exc:
             log.warning("samsara_mp publisher refused a connection: %s", exc)
             conn.close()

@@ -14,11 +14,12 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import wait_until
 
-from samsara_mp.ipc import IPCError, Server, TimedConnection, connect
+from samsara_mp.ipc import CLIENT, SERVER, IPCError, Server, TimedConnection, _mac, connect
 
 KEY = bytes(range(32))
 
@@ -106,3 +107,75 @@ def test_a_handshake_never_loads_openssl(tmp_path: Path) -> None:
 def _root() -> str:
     root = str(Path(__file__).resolve().parent.parent)
     return root + os.pathsep + os.environ.get("PYTHONPATH", "")
+
+
+@pytest.mark.parametrize(("answerer", "verdict"), [(CLIENT, b"#SMP-WELCOME#"), (SERVER, b"#SMP-FAILURE#")],
+                         ids=["as-a-client", "as-the-server"])
+def test_each_direction_has_its_own_answer(
+    served: tuple[Server, str], answerer: bytes, verdict: bytes
+) -> None:
+    # A fake publisher that relays a client's challenge to the real one must not get
+    # back an answer it could pass off as its own: the publisher's answers differ.
+    _, path = served
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    conn = TimedConnection(sock.detach(), 2.0)
+    try:
+        nonce = conn.recv_bytes(256)[len(b"#SMP-CHALLENGE#"):]
+        conn.send_bytes(_mac(KEY, nonce, answerer))
+        assert conn.recv_bytes(256) == verdict
+    finally:
+        conn.close()
+
+
+def _legacy_publisher(path: str, key: bytes, ready: threading.Event, seen: list[Any]) -> None:
+    """One connection served the way an older samsara_mp publisher did: multiprocessing's
+    handshake, then one request answered."""
+    from multiprocessing import connection as mpc
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(10)
+    ready.set()
+    try:
+        peer, _ = listener.accept()
+        conn = mpc.Connection(peer.detach())
+        try:
+            mpc.deliver_challenge(conn, key)
+            mpc.answer_challenge(conn, key)
+            method, args = conn.recv()
+            seen.append((method, args))
+            conn.send(("ok", "pong"))
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            seen.append(exc)
+        finally:
+            conn.close()
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("key", [KEY, bytes(32)], ids=["same-key", "wrong-key"])
+def test_a_client_still_talks_to_a_publisher_of_an_older_release(tmp_path: Path, key: bytes) -> None:
+    path = str(tmp_path / "old.sock")
+    ready, seen = threading.Event(), []
+    thread = threading.Thread(target=_legacy_publisher, args=(path, KEY, ready, seen), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(5)
+        if key == KEY:
+            conn = connect(path, key, 5.0)
+            try:
+                assert conn.call("ping", timeout=5.0) == "pong"
+            finally:
+                conn.close()
+            thread.join(5)
+            assert seen == [("ping", ())]
+        else:
+            with pytest.raises(IPCError, match="handshake"):
+                connect(path, key, 5.0)
+            thread.join(5)
+            assert len(seen) == 1 and isinstance(seen[0], Exception)
+    finally:
+        thread.join(10)
+    assert not thread.is_alive()
