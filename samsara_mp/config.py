@@ -440,6 +440,11 @@ def _env_suffix(name: str) -> str:
 
 
 _ENV_NAMES = frozenset(ENV_PREFIX + _env_suffix(name) for name in KEYS)
+# What Kubernetes sets in every pod for a Service named "samsara-mp": not ours.
+_SERVICE_LINK_RE = re.compile(
+    ENV_PREFIX
+    + r"(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
+)
 _warned_env: set[str] = set()
 
 
@@ -447,7 +452,7 @@ def _warn_unknown_env(env: Mapping[str, str]) -> None:
     """Log (once per name) a ``SAMSARA_MP_*`` variable that names no key: a typo would
     otherwise be silently ignored."""
     unknown = [k for k in env if k.startswith(ENV_PREFIX) and k not in _ENV_NAMES
-               and k not in _warned_env]
+               and k not in _warned_env and not _SERVICE_LINK_RE.fullmatch(k)]
     if not unknown:
         return
     import difflib  # here: only when something is misspelt
@@ -473,17 +478,24 @@ def _check_url(url: object) -> None:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
-        raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not a valid URL: {exc}") from None
+        # The parser's message can quote a piece of the password ("Port could not be cast
+        # to integer value as 'pa'"): not given when the URL may hold credentials.
+        why = "its host or port does not parse" if "@" in url else str(exc)
+        raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not a valid URL: {why}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not an http(s) URL with a host")
 
 
 def redact_url_safe(url: str) -> str:
-    """:func:`redact_url` for a string that may not even parse as a URL."""
-    try:
-        return redact_url(url)
-    except ValueError:
-        return "(unparseable URL)" if "@" in url else url
+    """:func:`redact_url` for a string that may not even parse as a URL: with an
+    ``@`` anywhere, everything between the scheme and its last ``@`` is hidden
+    (a password holding an unencoded ``/`` or ``#`` ends the parsed netloc early)."""
+    if "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "(a URL holding '@')"
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 # Headers samsara_mp sets itself; a configured one of these would break the protocol.

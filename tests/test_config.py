@@ -192,7 +192,10 @@ def test_an_invalid_header_name_is_not_echoed() -> None:
 def test_a_misspelt_environment_variable_is_logged_once_with_a_suggestion(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    env = {"SAMSARA_MP_URL": URL, "SAMSARA_MP_PUBLISH_INTERVL": "5", "SAMSARA_MP_QQQQQQ": "1"}
+    env = {"SAMSARA_MP_URL": URL, "SAMSARA_MP_PUBLISH_INTERVL": "5", "SAMSARA_MP_QQQQQQ": "1",
+           # Kubernetes' links for a Service named samsara-mp: not settings, never warned of.
+           "SAMSARA_MP_SERVICE_HOST": "10.0.0.1", "SAMSARA_MP_SERVICE_PORT": "80",
+           "SAMSARA_MP_PORT": "tcp://10.0.0.1:80", "SAMSARA_MP_PORT_80_TCP_ADDR": "10.0.0.1"}
     samsara_mp.config._warned_env.clear()
     with caplog.at_level("WARNING", logger="samsara_mp"):
         Config.build(env=env)
@@ -209,3 +212,17 @@ def test_a_batch_bound_below_the_event_bound_is_accepted() -> None:
     # A batch always takes at least one event: a small max_batch_bytes only means
     # that a large event goes alone.
     assert Config.build(env={}, url=URL, max_batch_bytes=32_768).max_batch_bytes == 32_768
+
+
+@pytest.mark.parametrize("url", [
+    "http://user:SEKa/SEKb@host:1/", "http://user:SEKa#SEKb@host/", "http://user:SEKa?SEKb@host/",
+    "http://u:SEKa:SEKb@h:x/",
+])
+def test_a_malformed_url_never_echoes_its_password(url: str) -> None:
+    # An unencoded / # ? in the password ends the parsed netloc early.
+    try:
+        shown = repr(Config.build(env={}, url=url))
+    except InvalidConfiguration as exc:
+        assert exc.key == "url"
+        shown = str(exc)
+    assert "SEKa" not in shown and "SEKb" not in shown, shown
