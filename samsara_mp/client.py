@@ -278,26 +278,22 @@ class SamsaraClient:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        ipc = self.config.ipc_timeout_s
         try:
             # On a connection of its own: the wait (a Retry-After may make it long)
             # must not hold the shipper's, or the thread, ship() and stats() would
             # wait behind it.
-            conn = self.channel.connect(min(ipc, left))
-        except _IPC_ERRORS:
-            conn = None
-        try:
-            if conn is not None:
-                return bool(conn.call("flush", left, timeout=left + ipc))
-            # No publisher answered: the shipper's connection elects one.
-            return bool(self._shipper.call("flush", left, timeout=left + ipc, elect=True,
-                                           deadline=deadline))
+            done = self._shipper.wait_flushed(left, deadline)
+            if done is None:
+                # No publisher answered: the shipper's connection elects one.
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                done = self._shipper.call("flush", left, timeout=left + self.config.ipc_timeout_s,
+                                          elect=True, deadline=deadline)
+            return bool(done)
         except _IPC_ERRORS as exc:
             log.warning("samsara_mp: flush could not reach the publisher: %s", exc)
             return False
-        finally:
-            if conn is not None:
-                conn.close()
 
     def stats(self) -> dict[str, Any]:
         """This process's counters, and the channel's from its publisher when reachable."""
@@ -371,7 +367,7 @@ class SamsaraClient:
                     "samsara_mp: %d staged events discarded: no publisher of channel %s took them "
                     "within %.1fs", left, self.channel.name, timeout,
                 )
-        self._shipper.close_connection(ended)
+        self._shipper.close_connection(ended, max(deadline - time.monotonic(), 0.05))
         process.unregister(self)
         return shipped
 

@@ -70,6 +70,22 @@ class TimedConnection(Connection):
         super().__init__(handle)
         self.timeout = timeout
 
+    # During a handshake: one deadline for all its reads and writes (else a peer
+    # that answers each piece just in time holds us several timeouts).
+    handshake_deadline: float | None = None
+
+    def _deadline(self) -> float:
+        deadline = time.monotonic() + self.timeout
+        if self.handshake_deadline is not None:
+            return min(deadline, self.handshake_deadline)
+        return deadline
+
+    def _live_handle(self) -> int:
+        handle: int | None = self._handle  # type: ignore[attr-defined]
+        if handle is None:
+            raise OSError(errno.EBADF, "connection closed")
+        return handle
+
     def _wait(self, handle: int, for_write: bool, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -82,12 +98,10 @@ class TimedConnection(Connection):
             raise IPCTimeout(errno.ETIMEDOUT, "no answer in time")
 
     def _send(self, buf: Any, write: Callable[[int, Any], int] = os.write) -> None:
-        handle = self._handle  # type: ignore[attr-defined]
-        if handle is None:
-            raise OSError(errno.EBADF, "connection closed")
-        deadline = time.monotonic() + self.timeout
+        deadline = self._deadline()
         view = memoryview(buf)
         while view:
+            handle = self._live_handle()  # read again: another thread may have closed it
             try:
                 n = write(handle, view)
             except BlockingIOError:
@@ -98,13 +112,11 @@ class TimedConnection(Connection):
     def _recv(self, size: int, read: Callable[[int, int], bytes] = os.read) -> Any:
         import io
 
-        handle = self._handle  # type: ignore[attr-defined]
-        if handle is None:
-            raise OSError(errno.EBADF, "connection closed")
-        deadline = time.monotonic() + self.timeout
+        deadline = self._deadline()
         buf = io.BytesIO()
         remaining = size
         while remaining > 0:
+            handle = self._live_handle()
             try:
                 chunk = read(handle, remaining)
             except BlockingIOError:
@@ -180,7 +192,12 @@ def answer_challenge(conn: Connection, authkey: bytes, answerer: bytes) -> bool:
     asked with ``multiprocessing``'s challenge (answered, and then challenged, its way)."""
     message = conn.recv_bytes(256)
     if message.startswith(_LEGACY_CHALLENGE) and answerer == CLIENT:
-        _answer_legacy(conn, authkey, message[len(_LEGACY_CHALLENGE):])
+        try:
+            _answer_legacy(conn, authkey, message[len(_LEGACY_CHALLENGE):])
+        except (EOFError, OSError):
+            raise
+        except Exception:  # noqa: BLE001 - multiprocessing's texts can quote the peer's bytes
+            raise AuthenticationError("the handshake with an older samsara_mp publisher failed") from None
         return False
     if not message.startswith(_CHALLENGE) or len(message) != len(_CHALLENGE) + _NONCE_BYTES:
         raise AuthenticationError("the peer's challenge is not samsara_mp's")
@@ -209,6 +226,7 @@ def _answer_legacy(conn: Connection, authkey: bytes, message: bytes) -> None:
 
 def connect(path: str, authkey: bytes, timeout: float) -> TimedConnection:
     """Connect and authenticate to a publisher's socket, all within ``timeout``."""
+    start = time.monotonic()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # A push should leave in one write(): each further write must win the
@@ -225,6 +243,7 @@ def connect(path: str, authkey: bytes, timeout: float) -> TimedConnection:
     sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     conn = TimedConnection(sock.detach(), timeout)
     conn.sndbuf = sndbuf
+    conn.handshake_deadline = start + timeout
     try:
         if answer_challenge(conn, authkey, CLIENT):
             deliver_challenge(conn, authkey, SERVER)
@@ -233,6 +252,7 @@ def connect(path: str, authkey: bytes, timeout: float) -> TimedConnection:
         if isinstance(exc, IPCError):
             raise
         raise IPCError(errno.EACCES, f"handshake with {path} failed: {exc}") from exc
+    conn.handshake_deadline = None
     return conn
 
 
@@ -281,9 +301,11 @@ class Server:
     def _serve_client(self, client: socket.socket) -> None:
         client.setblocking(True)
         conn = TimedConnection(client.detach(), self._handshake_timeout)
+        conn.handshake_deadline = time.monotonic() + self._handshake_timeout
         try:
             deliver_challenge(conn, self._authkey, CLIENT)
             answer_challenge(conn, self._authkey, SERVER)
+            conn.handshake_deadline = None
         except (AuthenticationError, EOFError, OSError) as exc:
             log.warning("samsara_mp publisher refused a connection: %s", exc)
             conn.close()

@@ -65,17 +65,23 @@ class Shipper:
         self.sent_at = 0.0
         self.next_connect = 0.0
         self.failures = 0
+        # flush() waits on a connection of its own (a wait out of a Retry-After can be
+        # long), opened at the first flush and kept, so that the wait never holds ``conn``.
+        self.flush_lock = threading.Lock()
+        self.flush_conn: TimedConnection | None = None
+        self.retired = False  # close() ran: no connection is kept open from now on
 
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's connection, push and thread."""
-        conn = self.conn
+        """In a forked child: forget the parent's connections, push and thread."""
+        conns = (self.conn, self.flush_conn)
         self.reset()
-        if conn is not None:
-            try:
-                os.close(conn.fileno())
-            except OSError:
-                pass
-            conn._handle = None  # type: ignore[attr-defined]
+        for conn in conns:
+            if conn is not None:
+                try:
+                    os.close(conn.fileno())
+                except OSError:
+                    pass
+                conn._handle = None  # type: ignore[attr-defined]
 
     # ---- the thread ----
     def start_thread(self) -> bool:
@@ -106,20 +112,28 @@ class Shipper:
             return not thread.is_alive()
         return True
 
-    def close_connection(self, thread_ended: bool) -> None:
-        """Close the connection at ``close()``. While the thread may still be in a
-        push on it, only shut the socket down: that wakes the thread with an error
-        and it closes the descriptor itself, so the number is never reused under it
-        (an fd the application opened next would get its reads and writes)."""
-        conn = self.conn
-        if thread_ended or conn is None or conn.closed:
-            self.drop_connection()
-            return
-        try:
-            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    def close_connection(self, thread_ended: bool, timeout: float) -> None:
+        """Close the connections at ``close()``, waiting up to ``timeout`` for a call
+        still on one. One still in use (the thread stuck in a push, another thread in
+        ``stats()`` or ``flush()``) is only shut down: that wakes its user with an
+        error, and the user closes the descriptor itself, so the number is never
+        reused under it (a file the application opened next would get its reads
+        and writes)."""
+        self.retired = True
+        if self.lock.acquire(timeout=timeout if thread_ended else 0.0):
+            try:
+                self.drop_connection()
+            finally:
+                self.lock.release()
+        else:
+            _shut_down(self.conn)
+        if self.flush_lock.acquire(blocking=False):
+            try:
+                self._drop_flush_conn()
+            finally:
+                self.flush_lock.release()
+        else:
+            _shut_down(self.flush_conn)
 
     def _run(self) -> None:
         # Supervised: an unexpected error is logged and counted, and the loop goes on.
@@ -337,6 +351,45 @@ class Shipper:
             except OSError:
                 pass
 
+    def _drop_flush_conn(self) -> None:
+        conn, self.flush_conn = self.flush_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def wait_flushed(self, wait: float, deadline: float) -> bool | None:
+        """The publisher's answer to ``flush(wait)`` on the flush connection (bounded
+        by ``deadline`` plus one ``ipc_timeout``); None when no publisher answers."""
+        ipc = self.config.ipc_timeout_s
+        if not self.flush_lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise IPCTimeout(errno.ETIMEDOUT, "another flush is still waiting")
+        try:
+            for attempt in (1, 2):
+                fresh = self.flush_conn is None
+                if fresh:
+                    try:
+                        conn = self.channel.connect(self._bounded(ipc, deadline))
+                    except IPCError:
+                        return None
+                    if self.retired:
+                        conn.close()  # a close() came meanwhile: keep nothing open
+                        return None
+                    self.flush_conn = conn
+                assert self.flush_conn is not None
+                try:
+                    return bool(self.flush_conn.call("flush", wait, timeout=wait + ipc))
+                except (EOFError, OSError) as exc:
+                    self._drop_flush_conn()
+                    if fresh or attempt == 2 or isinstance(exc, TimeoutError):
+                        raise
+        finally:
+            if self.retired:
+                self._drop_flush_conn()
+            self.flush_lock.release()
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def call(
         self, method: str, *args: Any, timeout: float, elect: bool = False, deadline: float | None = None
     ) -> Any:
@@ -347,6 +400,13 @@ class Shipper:
         included (the shipper thread may hold it through a push to a stuck
         publisher), so that ``stats()`` takes ``ipc_timeout`` at most."""
         end = time.monotonic() + timeout
+        if self.retired:
+            # After close(): one call on a connection of its own, closed at once.
+            conn = self.channel.connect(self._bounded(self.config.ipc_timeout_s, end))
+            try:
+                return conn.call(method, *args, timeout=self._bounded(timeout, end))
+            finally:
+                conn.close()
         if not self.lock.acquire(timeout=timeout):
             raise IPCTimeout(errno.ETIMEDOUT, "the connection stayed busy with a push")
         try:
@@ -364,6 +424,17 @@ class Shipper:
         finally:
             self.lock.release()
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _shut_down(conn: TimedConnection | None) -> None:
+    """Wake whoever waits on ``conn`` with an error, leaving its descriptor open."""
+    if conn is None or conn.closed:
+        return
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _uwsgi_without_threads() -> bool:

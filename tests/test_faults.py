@@ -288,34 +288,44 @@ def test_stats_and_close_keep_their_bound_while_the_shipper_is_stuck_on_a_frozen
 
 
 _FD_REUSE = r"""
-import os, signal, sys, tempfile, time
+import os, signal, sys, threading, time
 from samsara_mp import Publisher, SamsaraClient
-url, runtime_dir, scratch = sys.argv[1:4]
+url, runtime_dir, scratch, mode = sys.argv[1:5]
 cfg = dict(url=url, runtime_dir=runtime_dir, channel="t", publish_interval=50, min_buffer_size=1,
-           send_client_stats=False, ipc_timeout=3000)
+           send_client_stats=False, ipc_timeout=3000,
+           shipper="inline" if mode == "stats" else "auto")
 pub = Publisher(**cfg).start()
 try:
     client = SamsaraClient(sourceId="s", start_publishing_thread=False, **cfg)
     client.record_event(eventName="before")
     assert client.flush(timeout=10)
+    client.stats()  # the shipper's connection is open
     os.kill(pub.pid, signal.SIGSTOP)
     try:
-        shipper, end = client._shipper, time.monotonic() + 10
-        while time.monotonic() < end:  # until the thread is stuck in a push
-            client.record_event(eventName="during")
+        shipper, end, user = client._shipper, time.monotonic() + 10, None
+        if mode == "stats":  # another application thread waits in stats() on that connection
+            user = threading.Thread(target=client.stats)
+            user.start()
+        while time.monotonic() < end:  # until the connection is in use
+            if mode == "push":
+                client.record_event(eventName="during")
             time.sleep(0.02)
             if not shipper.lock.acquire(blocking=False):
                 break
             shipper.lock.release()
-        assert not client.close(timeout=0.3) and shipper.thread.is_alive()
+        if mode == "push":
+            assert not client.close(timeout=0.3) and shipper.thread.is_alive()
+            user = shipper.thread
+        else:
+            assert client.close(timeout=0.3) and user.is_alive()
         # The application opens files at once: the lowest free numbers.
         fds = [os.open(os.path.join(scratch, f"f{i}"), os.O_RDWR | os.O_CREAT, 0o600) for i in range(4)]
         for fd in fds:
             os.write(fd, b"APPLICATION DATA " * 64)
             os.lseek(fd, 0, os.SEEK_SET)
-        shipper.thread.join(10)
+        user.join(10)
         print("offsets", [os.lseek(fd, 0, os.SEEK_CUR) for fd in fds], "errors", shipper.thread_errors,
-              "alive", shipper.thread.is_alive())
+              "alive", user.is_alive())
     finally:
         os.kill(pub.pid, signal.SIGCONT)
 finally:
@@ -323,14 +333,17 @@ finally:
 """
 
 
-def test_close_never_frees_a_descriptor_the_stuck_shipper_thread_still_uses(
-    server: IngestServer, runtime_dir: str, tmp_path: Path
+@pytest.mark.parametrize(
+    "mode", ["push", "stats"], ids=["shipper-thread-in-a-push", "stats-in-another-thread"]
+)
+def test_close_never_frees_a_descriptor_another_thread_still_uses(
+    mode: str, server: IngestServer, runtime_dir: str, tmp_path: Path
 ) -> None:
-    # close(timeout) returns while the thread is in a push: if it closed the
-    # socket's descriptor, the next file the application opened would get the
-    # number, and the thread would read from it (or write pickled events into it).
+    # close(timeout) returns while a thread still waits on the connection: if it
+    # closed the socket's descriptor, the next file the application opened would get
+    # the number, and that thread would read from it (or write pickled events into it).
     out = subprocess.run(
-        [sys.executable, "-c", _FD_REUSE, server.url, runtime_dir, str(tmp_path)],
+        [sys.executable, "-c", _FD_REUSE, server.url, runtime_dir, str(tmp_path), mode],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr

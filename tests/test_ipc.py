@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -177,5 +178,56 @@ def test_a_client_still_talks_to_a_publisher_of_an_older_release(tmp_path: Path,
             thread.join(5)
             assert len(seen) == 1 and isinstance(seen[0], Exception)
     finally:
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def _slow_publisher(path: str, ready: threading.Event, stop: threading.Event) -> None:
+    """A publisher that knows the key but answers each step of the handshake after
+    0.4 s: each read of the client's is within its own timeout, the whole is not."""
+    from multiprocessing import connection as mpc
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(10)
+    ready.set()
+    try:
+        peer, _ = listener.accept()
+        conn = mpc.Connection(peer.detach())
+        try:
+            nonce = os.urandom(32)
+            for step in range(3):
+                if stop.wait(0.4):
+                    return
+                if step == 0:
+                    conn.send_bytes(b"#SMP-CHALLENGE#" + nonce)
+                    conn.recv_bytes(256)
+                elif step == 1:
+                    conn.send_bytes(b"#SMP-WELCOME#")
+                    theirs = conn.recv_bytes(256)[len(b"#SMP-CHALLENGE#"):]
+                else:
+                    conn.send_bytes(_mac(KEY, theirs, SERVER))
+        finally:
+            conn.close()
+    except OSError:
+        pass
+    finally:
+        listener.close()
+
+
+def test_a_peer_answering_each_step_late_cannot_hold_a_handshake_past_its_timeout(tmp_path: Path) -> None:
+    path = str(tmp_path / "slow.sock")
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(target=_slow_publisher, args=(path, ready, stop), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(5)
+        started = time.monotonic()
+        with pytest.raises(IPCError):
+            connect(path, KEY, 0.5)
+        assert time.monotonic() - started < 1.0
+    finally:
+        stop.set()
         thread.join(10)
     assert not thread.is_alive()
