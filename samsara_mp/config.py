@@ -484,6 +484,17 @@ def _check_url(url: object) -> None:
         raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not a valid URL: {why}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not an http(s) URL with a host")
+    if "?" in url or "#" in url or "@" in parts.path:
+        # The events go to {url}/v1/events: a query or fragment would swallow that path.
+        # And a password holding an unencoded / ? # ends the host early, leaving the
+        # rest (credentials included) in the path, where no redaction can find it.
+        raise InvalidConfiguration(
+            "url", f"{redact_url_safe(url)!r} must be a base URL without '?', '#' or an '@' in its "
+            "path: percent-encode them (a password's '/' as %2F, '?' as %3F, '#' as %23, '@' as %40)",
+        )
+
+
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
 
 def redact_url_safe(url: str) -> str:
@@ -493,7 +504,7 @@ def redact_url_safe(url: str) -> str:
     if "@" not in url:
         return url
     scheme, sep, rest = url.partition("://")
-    if not sep:
+    if not sep or not _SCHEME_RE.fullmatch(scheme):
         return "(a URL holding '@')"
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
 

@@ -217,6 +217,9 @@ def test_a_batch_bound_below_the_event_bound_is_accepted() -> None:
 @pytest.mark.parametrize("url", [
     "http://user:SEKa/SEKb@host:1/", "http://user:SEKa#SEKb@host/", "http://user:SEKa?SEKb@host/",
     "http://u:SEKa:SEKb@h:x/",
+    # These parse (host "user", port 1234...), the rest landing in the path or query.
+    "https://user:1234/SEKa@api.example.com/v1", "https://user:8080?SEKa@api.example.com",
+    "https://user:99#SEKa@api.example.com", "https://tok/SEKa@api.example.com", "user:p://wSEKa@host",
 ])
 def test_a_malformed_url_never_echoes_its_password(url: str) -> None:
     # An unencoded / # ? in the password ends the parsed netloc early.
@@ -226,3 +229,20 @@ def test_a_malformed_url_never_echoes_its_password(url: str) -> None:
         assert exc.key == "url"
         shown = str(exc)
     assert "SEKa" not in shown and "SEKb" not in shown, shown
+
+
+@pytest.mark.parametrize("url", ["http://h/?x=1", "http://h/#top", "http://h?", "http://h/users/a@b"])
+def test_a_url_with_a_query_a_fragment_or_an_at_in_its_path_is_refused(url: str) -> None:
+    # The events go to {url}/v1/events, which a query or fragment would swallow.
+    with pytest.raises(InvalidConfiguration) as info:
+        Config.build(env={}, url=url)
+    assert info.value.key == "url" and "percent-encode" in str(info.value)
+
+
+@pytest.mark.parametrize("url", [
+    "http://user:p%2Fq@host:1/", "http://[::1]:8080", "https://u:p@ss@api.example.com/base/",
+    "http://127.0.0.1:9/prefix",
+])
+def test_well_formed_urls_are_accepted_and_redacted(url: str) -> None:
+    cfg = Config.build(env={}, url=url)
+    assert "p%2Fq" not in repr(cfg) and "p@ss" not in repr(cfg)
