@@ -254,15 +254,19 @@ class SamsaraClient:
         started when none ran (up to 10 s)."""
         shipper = self._shipper
         deadline = time.monotonic() + (self.config.ipc_timeout_s if timeout is None else timeout)
-        while self._staging.has_work() or shipper.pending or shipper.awaiting:
-            if time.monotonic() >= deadline:
-                return False
-            if not shipper.ship_once(deadline=deadline):
-                wait = min(shipper.retry_wait(), deadline - time.monotonic())
-                if wait > 0:
-                    time.sleep(wait)
-                shipper.next_connect = 0.0
-        return True
+        try:
+            while self._staging.has_work() or shipper.pending or shipper.awaiting:
+                if time.monotonic() >= deadline:
+                    return False
+                if not shipper.ship_once(deadline=deadline):
+                    wait = min(shipper.retry_wait(), deadline - time.monotonic())
+                    if wait > 0:
+                        time.sleep(wait)
+                    shipper.next_connect = 0.0
+            return True
+        finally:
+            if shipper.retired:
+                shipper.release_after_close()  # used after close(): keep no connection
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Ship staged events and wait until the publisher has sent all it holds.
@@ -282,7 +286,7 @@ class SamsaraClient:
             # On a connection of its own: the wait (a Retry-After may make it long)
             # must not hold the shipper's, or the thread, ship() and stats() would
             # wait behind it.
-            done = self._shipper.wait_flushed(left, deadline)
+            done = self._shipper.wait_flushed(deadline)
             if done is None:
                 # No publisher answered: the shipper's connection elects one.
                 left = deadline - time.monotonic()

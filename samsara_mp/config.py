@@ -484,14 +484,25 @@ def _check_url(url: object) -> None:
         raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not a valid URL: {why}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not an http(s) URL with a host")
-    if "?" in url or "#" in url or "@" in parts.path:
+    if "?" in url or "#" in url or _credentials_in_path(url, parts.path):
         # The events go to {url}/v1/events: a query or fragment would swallow that path.
         # And a password holding an unencoded / ? # ends the host early, leaving the
         # rest (credentials included) in the path, where no redaction can find it.
         raise InvalidConfiguration(
-            "url", f"{redact_url_safe(url)!r} must be a base URL without '?', '#' or an '@' in its "
-            "path: percent-encode them (a password's '/' as %2F, '?' as %3F, '#' as %23, '@' as %40)",
+            "url", f"{redact_url_safe(url)!r} must be a base URL without '?' or '#', and "
+            "credentials must be percent-encoded (a password's '/' as %2F, '?' as %3F, '#' as %23)",
         )
+
+
+def _credentials_in_path(url: str, path: str) -> bool:
+    """An ``@`` in the path that ends what reads as credentials whose unencoded ``/``
+    cut the host short (``https://user:12/pw@api.example.com``): before it a ``:``,
+    or after it a host name (a dot, or a port). ``https://host/@tenant/`` is a path."""
+    if "@" not in path:
+        return False
+    before, _, after = url.partition("://")[2].partition("@")
+    host = after.split("/", 1)[0]
+    return ":" in before or "." in host or ":" in host
 
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")

@@ -359,14 +359,27 @@ class Shipper:
             except OSError:
                 pass
 
-    def wait_flushed(self, wait: float, deadline: float) -> bool | None:
-        """The publisher's answer to ``flush(wait)`` on the flush connection (bounded
-        by ``deadline`` plus one ``ipc_timeout``); None when no publisher answers."""
+    def wait_flushed(self, deadline: float) -> bool | None:
+        """The publisher's answer to a flush until ``deadline`` (the call bounded by it
+        plus one ``ipc_timeout``), on the kept flush connection, or on one of its own
+        while another thread's flush holds that; None when no publisher answers."""
         ipc = self.config.ipc_timeout_s
-        if not self.flush_lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
-            raise IPCTimeout(errno.ETIMEDOUT, "another flush is still waiting")
+        if not self.flush_lock.acquire(blocking=False):
+            # Another thread's flush holds the kept connection: one of our own.
+            try:
+                conn = self.channel.connect(self._bounded(ipc, deadline))
+            except IPCError:
+                return None
+            try:
+                wait = max(deadline - time.monotonic(), 0.001)
+                return bool(conn.call("flush", wait, timeout=wait + ipc))
+            finally:
+                conn.close()
         try:
             for attempt in (1, 2):
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    return False
                 fresh = self.flush_conn is None
                 if fresh:
                     try:
@@ -378,6 +391,7 @@ class Shipper:
                         return None
                     self.flush_conn = conn
                 assert self.flush_conn is not None
+                wait = max(deadline - time.monotonic(), 0.001)
                 try:
                     return bool(self.flush_conn.call("flush", wait, timeout=wait + ipc))
                 except (EOFError, OSError) as exc:
@@ -422,8 +436,18 @@ class Shipper:
                     if fresh or attempt == 2 or isinstance(exc, TimeoutError):
                         raise
         finally:
+            if self.retired:
+                self.drop_connection()  # close() ran meanwhile (a signal handler): keep nothing
             self.lock.release()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def release_after_close(self) -> None:
+        """After a ship() on a closed client: close the connection it opened."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self.drop_connection()
+            finally:
+                self.lock.release()
 
 
 def _shut_down(conn: TimedConnection | None) -> None:

@@ -166,6 +166,55 @@ def test_a_flush_waiting_out_a_retry_after_does_not_block_shipping_or_stats(
             server.clear_faults()
 
 
+def test_concurrent_flushes_each_keep_their_timeout_during_a_retry_after(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    config = dict(fast_config, ipc_timeout=1_000)
+    server.inject(status=503, count=1, retry_after="20")
+    with Publisher(**config) as pub:
+        with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
+            _record(client, 5)
+            assert client.ship(timeout=10)
+            wait_until(lambda: pub.stats()["failed_attempts"] == 1, 10, "the 503")
+            took: dict[float, float] = {}
+
+            def flush(timeout: float) -> None:
+                started = time.monotonic()
+                assert client.flush(timeout=timeout) is False
+                took[timeout] = time.monotonic() - started
+
+            threads = [threading.Thread(target=flush, args=(t,)) for t in (2.0, 3.0)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(15)
+            # Each within its own timeout plus one ipc_timeout, not queued behind the other.
+            assert set(took) == {2.0, 3.0} and all(took[t] < t + 1.0 for t in took), took
+            server.clear_faults()
+
+
+def test_a_closed_client_keeps_no_connection_open(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with Publisher(**fast_config) as pub:
+        own = pub.stats()["connected_clients"]  # the owner's own stats connection
+        client = SamsaraClient(sourceId="s", start_publishing_thread=False, **fast_config)
+        _record(client, 3)
+        assert client.flush(timeout=10)
+        assert client.stats()["channel"] is not None
+        client.close()
+        before = fds()
+        # Used after close(): each call connects for itself, and nothing is kept.
+        assert client.stats()["channel"]["delivered"] == 3
+        client.record_event(eventName="test.event", seq=3)
+        assert client.flush(timeout=10) and fds() == before
+        assert client.close() and fds() == before
+        wait_until(lambda: pub.stats()["connected_clients"] == own, 10, "the publisher to see none of its")
+
+
 def test_long_outage_fills_the_buffer_then_drops_the_oldest(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:
