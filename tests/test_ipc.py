@@ -129,9 +129,9 @@ def test_each_direction_has_its_own_answer(
         conn.close()
 
 
-def _legacy_publisher(path: str, key: bytes, ready: threading.Event, seen: list[Any]) -> None:
-    """One connection served the way an older samsara_mp publisher did: multiprocessing's
-    handshake, then one request answered."""
+def _accept_one(path: str, ready: threading.Event) -> tuple[socket.socket, Any]:
+    """Listen on ``path``, say so, and accept one peer (within 10 s) as a bare
+    ``multiprocessing`` Connection; the caller closes both."""
     from multiprocessing import connection as mpc
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -141,25 +141,35 @@ def _legacy_publisher(path: str, key: bytes, ready: threading.Event, seen: list[
     ready.set()
     try:
         peer, _ = listener.accept()
-        conn = mpc.Connection(peer.detach())
-        try:
-            mpc.deliver_challenge(conn, key)
-            mpc.answer_challenge(conn, key)
-            method, args = conn.recv()
-            seen.append((method, args))
-            conn.send(("ok", "pong"))
-        except Exception as exc:  # noqa: BLE001 - reported to the test
-            seen.append(exc)
-        finally:
-            conn.close()
+    except BaseException:
+        listener.close()
+        raise
+    return listener, mpc.Connection(peer.detach())
+
+
+def _legacy_publisher(path: str, key: bytes, ready: threading.Event, seen: list[Any]) -> None:
+    """One connection served the way an older samsara_mp publisher did: multiprocessing's
+    handshake, then one request answered."""
+    from multiprocessing import connection as mpc
+
+    listener, conn = _accept_one(path, ready)
+    try:
+        mpc.deliver_challenge(conn, key)
+        mpc.answer_challenge(conn, key)
+        method, args = conn.recv()
+        seen.append((method, args))
+        conn.send(("ok", "pong"))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        seen.append(exc)
     finally:
+        conn.close()
         listener.close()
 
 
 @pytest.mark.parametrize("key", [KEY, bytes(32)], ids=["same-key", "wrong-key"])
 def test_a_client_still_talks_to_a_publisher_of_an_older_release(tmp_path: Path, key: bytes) -> None:
     path = str(tmp_path / "old.sock")
-    ready, seen = threading.Event(), []
+    ready, seen = threading.Event(), list[Any]()
     thread = threading.Thread(target=_legacy_publisher, args=(path, KEY, ready, seen), daemon=True)
     thread.start()
     try:
@@ -185,34 +195,24 @@ def test_a_client_still_talks_to_a_publisher_of_an_older_release(tmp_path: Path,
 def _slow_publisher(path: str, ready: threading.Event, stop: threading.Event) -> None:
     """A publisher that knows the key but answers each step of the handshake after
     0.4 s: each read of the client's is within its own timeout, the whole is not."""
-    from multiprocessing import connection as mpc
-
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    listener.settimeout(10)
-    ready.set()
+    listener, conn = _accept_one(path, ready)
     try:
-        peer, _ = listener.accept()
-        conn = mpc.Connection(peer.detach())
-        try:
-            nonce = os.urandom(32)
-            for step in range(3):
-                if stop.wait(0.4):
-                    return
-                if step == 0:
-                    conn.send_bytes(b"#SMP-CHALLENGE#" + nonce)
-                    conn.recv_bytes(256)
-                elif step == 1:
-                    conn.send_bytes(b"#SMP-WELCOME#")
-                    theirs = conn.recv_bytes(256)[len(b"#SMP-CHALLENGE#"):]
-                else:
-                    conn.send_bytes(_mac(KEY, theirs, SERVER))
-        finally:
-            conn.close()
+        nonce = os.urandom(32)
+        for step in range(3):
+            if stop.wait(0.4):
+                return
+            if step == 0:
+                conn.send_bytes(b"#SMP-CHALLENGE#" + nonce)
+                conn.recv_bytes(256)
+            elif step == 1:
+                conn.send_bytes(b"#SMP-WELCOME#")
+                theirs = conn.recv_bytes(256)[len(b"#SMP-CHALLENGE#"):]
+            else:
+                conn.send_bytes(_mac(KEY, theirs, SERVER))
     except OSError:
-        pass
+        pass  # the client gave up and hung up: what the test expects
     finally:
+        conn.close()
         listener.close()
 
 

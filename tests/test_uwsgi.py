@@ -352,6 +352,28 @@ def _get_ok(session: requests.Session, url: str) -> bool:
         return False
 
 
+def _inline_workers_and_an_owned_publisher(
+    server: IngestServer, runtime_dir: str, tmp_path: Path, **env: str
+) -> tuple[Publisher, subprocess.Popen[bytes], int, Path, Path]:
+    """A publisher the test owns, and uWSGI (with a master FIFO) whose workers ship
+    inline: a lone event stays staged until something ships it. The caller stops both."""
+    fifo = tmp_path / "master.fifo"
+    log_path = tmp_path / "uwsgi.log"
+    python = str(Path(sys.prefix) / "bin" / "python")
+    pub = Publisher(
+        url=server.url, channel=CHANNEL, runtime_dir=runtime_dir, publish_interval=100,
+        min_buffer_size=1, send_client_stats=False,
+    ).start()
+    port = _free_port()
+    args = _args(port, "--py-executable", python, "--master-fifo", str(fifo))
+    try:
+        master = _launch(args, _env(server, runtime_dir, SAMSARA_MP_SHIPPER="inline", **env), log_path)
+    except BaseException:
+        pub.stop()
+        raise
+    return pub, master, port, fifo, log_path
+
+
 @pytest.mark.parametrize("stop", ["graceful", "SIGINT"])
 def test_a_stop_while_a_worker_finishes_an_answered_request(
     stop: str, server: IngestServer, runtime_dir: str, tmp_path: Path
@@ -359,16 +381,9 @@ def test_a_stop_while_a_worker_finishes_an_answered_request(
     # uWSGI closes the client's connection, then runs its after-request work
     # (here slowed to 2 s) before the worker counts as idle. Inline shipping
     # keeps a lone event staged until the worker's exit hook ships it.
-    port = _free_port()
-    fifo = tmp_path / "master.fifo"
-    env = _env(server, runtime_dir, SAMSARA_MP_SHIPPER="inline", SMP_TEST_AFTER_REQUEST_DELAY="2")
-    python = str(Path(sys.prefix) / "bin" / "python")
-    log_path = tmp_path / "uwsgi.log"
-    pub = Publisher(
-        url=server.url, channel=CHANNEL, runtime_dir=runtime_dir, publish_interval=100,
-        min_buffer_size=1, send_client_stats=False,
-    ).start()
-    master = _launch(_args(port, "--py-executable", python, "--master-fifo", str(fifo)), env, log_path)
+    pub, master, port, fifo, log_path = _inline_workers_and_an_owned_publisher(
+        server, runtime_dir, tmp_path, SMP_TEST_AFTER_REQUEST_DELAY="2"
+    )
     seen: set[int] = set()
     try:
         session, base = _session_once_up(master, port, log_path)
@@ -421,16 +436,7 @@ def test_an_idle_worker_that_never_connected_ships_at_its_graceful_exit(
     # does) OpenSSL's cleanup has run by the time uWSGI's exit hook calls ours.
     # The worker's first connection is made there: its handshake must not need
     # OpenSSL (an HMAC handshake crashed the worker, losing what it staged).
-    port = _free_port()
-    fifo = tmp_path / "master.fifo"
-    env = _env(server, runtime_dir, SAMSARA_MP_SHIPPER="inline")
-    python = str(Path(sys.prefix) / "bin" / "python")
-    log_path = tmp_path / "uwsgi.log"
-    pub = Publisher(
-        url=server.url, channel=CHANNEL, runtime_dir=runtime_dir, publish_interval=100,
-        min_buffer_size=1, send_client_stats=False,
-    ).start()
-    master = _launch(_args(port, "--py-executable", python, "--master-fifo", str(fifo)), env, log_path)
+    pub, master, port, fifo, log_path = _inline_workers_and_an_owned_publisher(server, runtime_dir, tmp_path)
     seen: set[int] = set()
     try:
         session, base = _session_once_up(master, port, log_path)
