@@ -266,7 +266,7 @@ class SamsaraClient:
             return True
         finally:
             if shipper.retired:
-                shipper.release_after_close()  # used after close(): keep no connection
+                shipper.close_connection(True, 0.0)  # used after close(): keep no connection
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Ship staged events and wait until the publisher has sent all it holds.

@@ -441,14 +441,6 @@ class Shipper:
             self.lock.release()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def release_after_close(self) -> None:
-        """After a ship() on a closed client: close the connection it opened."""
-        if self.lock.acquire(blocking=False):
-            try:
-                self.drop_connection()
-            finally:
-                self.lock.release()
-
 
 def _shut_down(conn: TimedConnection | None) -> None:
     """Wake whoever waits on ``conn`` with an error, leaving its descriptor open."""
