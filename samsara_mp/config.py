@@ -457,9 +457,9 @@ def _warn_unknown_env(env: Mapping[str, str]) -> None:
         return
     import difflib  # here: only when something is misspelt
 
+    suffixes = sorted(n[len(ENV_PREFIX):] for n in _ENV_NAMES)
     for name in unknown:
         _warned_env.add(name)
-        suffixes = sorted(n[len(ENV_PREFIX):] for n in _ENV_NAMES)
         close = difflib.get_close_matches(name[len(ENV_PREFIX):], suffixes, n=1)
         log.warning("samsara_mp: environment variable %s is not a setting; ignored%s", name,
                     f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else "")
