@@ -210,13 +210,14 @@ def answer_challenge(conn: Connection, authkey: bytes, answerer: bytes) -> bool:
 def _answer_legacy(conn: Connection, authkey: bytes, message: bytes) -> None:
     """Answer an older publisher's challenge as ``multiprocessing.connection`` does
     (3.12+: ``{digest}`` prefixed, else an HMAC-MD5), then challenge it its way."""
-    import hmac  # OpenSSL: only for a publisher of an older release
-    from multiprocessing import connection as mpc
+    from multiprocessing import connection as mpc  # OpenSSL: only for an older publisher
 
-    create = getattr(mpc, "_create_response", None)
+    create = getattr(mpc, "_create_response", None)  # 3.12+
     if create is not None:
         response = create(authkey, message)
-    else:  # pragma: no cover - Python 3.11's multiprocessing
+    else:  # Python 3.11's multiprocessing: an HMAC-MD5 of the challenge
+        import hmac
+
         response = hmac.new(authkey, message, "md5").digest()
     conn.send_bytes(response)
     if conn.recv_bytes(256) != _LEGACY_WELCOME:
