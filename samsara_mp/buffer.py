@@ -495,11 +495,12 @@ class SharedBuffer:
             with self._lock:
                 self.spool.close()
 
-    def snapshot(self) -> dict[str, Any]:
-        """Counters plus the current fill, as a plain dict."""
+    def snapshot(self, client_id: str | None = None) -> dict[str, Any]:
+        """Counters plus the current fill, as a plain dict; with ``client_id``, also
+        the last push seq taken from that client (-1 for none)."""
         with self._lock:
             c = self.counters
-            return {
+            snap = {
                 "recorded": c.recorded,
                 "received": c.received,
                 "delivered": c.delivered,
@@ -527,6 +528,9 @@ class SharedBuffer:
                 "tail_seq": self._head_seq + len(self._ring),
                 "clients_seen": len(self._last_push),
             }
+            if client_id is not None:
+                snap["client_last_push"] = self._last_push.get(client_id, -1)
+            return snap
 
     def drain_all(self) -> list[bytes]:
         """Remove and return every buffered event (for spooling at shutdown)."""

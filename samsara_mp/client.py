@@ -301,11 +301,26 @@ class SamsaraClient:
 
     def stats(self) -> dict[str, Any]:
         """This process's counters, and the channel's from its publisher when reachable."""
+        shipper = self._shipper
+        timeout = self.config.ipc_timeout_s
+        end = time.monotonic() + timeout
+        # Holding the connection's lock, no push of this process can land between
+        # the local counts and the publisher's: none is counted twice or not at all.
+        # After close() a stuck thread may hold it for good: the snapshot goes on
+        # without it, and the push that thread has in flight is settled below.
+        held = not shipper.retired and shipper.lock.acquire(timeout=timeout)
+        try:
+            return self._stats(max(end - time.monotonic(), 0.001))
+        finally:
+            if held:
+                shipper.lock.release()
+
+    def _stats(self, timeout: float) -> dict[str, Any]:
         staging = self._staging
         shipper = self._shipper
         with staging.lock:
             push = shipper.pending
-            local = {
+            local: dict[str, Any] = {
                 "recorded": staging.recorded,
                 "staged": len(staging) + (len(push.payloads) if push else 0),
                 "staged_bytes": staging.nbytes,
@@ -331,11 +346,20 @@ class SamsaraClient:
             result["error"] = "disabled" if self.config.disabled else "capturing"
             return result
         try:
-            chan = dict(shipper.call("stats", timeout=self.config.ipc_timeout_s))
+            chan = dict(shipper.call("stats", shipper.client_id, timeout=timeout))
         except _IPC_ERRORS as exc:
             cause = self.channel.last_failure()
             result["error"] = str(exc) + (f" (the last publisher logged: {cause})" if cause else "")
             return result
+        taken = chan.pop("client_last_push", None)  # absent from an older publisher
+        if push is not None and taken is not None and push.seq <= taken:
+            # The push in flight at the snapshot has reached the publisher (its
+            # answer was lost, or is being read): its counts are in the channel's.
+            local["staged"] -= len(push.payloads)
+            local["unreported_recorded"] -= push.recorded
+            local["unreported_dropped"] -= push.dropped
+            local["unreported_filtered"] -= push.filtered
+            local["unreported_sampled_out"] -= push.sampled_out
         # Events staged here are recorded but not yet known to the publisher.
         chan["recorded"] += local["unreported_recorded"]
         chan["dropped_overflow"] += local["unreported_dropped"]
@@ -363,8 +387,7 @@ class SamsaraClient:
         # is a daemon, and is not waited for past it.
         ended = self._shipper.stop_thread(max(deadline - time.monotonic(), 0.05))
         if not shipped:
-            push = self._shipper.pending
-            left = self._staging.discard() + (len(push.payloads) if push and not push.sent else 0)
+            left = self._discard_staged()
             self.discarded += left
             if left:
                 log.warning(
@@ -374,6 +397,22 @@ class SamsaraClient:
         self._shipper.close_connection(ended, max(deadline - time.monotonic(), 0.05))
         process.unregister(self)
         return shipped
+
+    def _discard_staged(self) -> int:
+        """Give up what is staged at a close() that could not ship it, and the push
+        taken for the publisher if it never left. A push already written stays
+        pending: the publisher may hold it (``stats()`` asks whether it does)."""
+        shipper = self._shipper
+        if not shipper.lock.acquire(blocking=False):  # a push is being written: it is sent
+            return self._staging.discard()
+        try:
+            push = shipper.pending
+            if push is None or push.sent:
+                return self._staging.discard()
+            shipper.pending = None
+            return self._staging.discard(push)
+        finally:
+            shipper.lock.release()
 
     async def aflush(self, timeout: float = 30.0) -> bool:
         """:meth:`flush` for async code: the wait runs in a worker thread, off the event loop."""

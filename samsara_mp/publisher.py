@@ -215,7 +215,7 @@ class PublisherProcess:
                 raise ChannelError("publisher is shutting down")
             return self.buffer.push(*args)
         if method == "stats":
-            return self.stats()
+            return self.stats(*args[:1])
         if method == "flush":
             (timeout,) = args
             target = self.loop.request_flush()
@@ -226,8 +226,11 @@ class PublisherProcess:
             return None
         raise ValueError(f"unknown method {method!r}")
 
-    def stats(self) -> dict[str, Any]:
-        snap = self.buffer.snapshot()
+    def stats(self, client_id: str | None = None) -> dict[str, Any]:
+        """The channel's counters; with a client's id, also the last push seq taken
+        from it (``client_last_push``, in the same snapshot), which tells a client
+        whether its push in flight has landed."""
+        snap = self.buffer.snapshot(client_id)
         snap.update(
             {k: v for k, v in self.loop.stats.items() if k != "statuses"},
             statuses={str(k): v for k, v in self.loop.stats["statuses"].items()},

@@ -293,7 +293,7 @@ class Shipper:
         if self.failures in (1, 10) or self.failures % 100 == 0:
             log.warning(
                 "samsara_mp: publisher of channel %s unreachable (%s); %d events staged",
-                self.channel.name, exc, len(self.staging),
+                self.channel.name, str(exc) or type(exc).__name__, len(self.staging),
             )
 
     @staticmethod

@@ -151,11 +151,20 @@ class Staging:
             if len(events) > self.max_events or self.nbytes > self.max_bytes:
                 self._trim()
 
-    def discard(self) -> int:
-        """Forget what is staged (counted as dropped); the number of events discarded."""
+    def discard(self, push: Push | None = None) -> int:
+        """Forget what is staged, and ``push`` (one taken but never sent), counting
+        them as dropped, also in the counts the publisher has not been told; the
+        number of events discarded."""
         with self.lock:
             n = len(self.events)
             self.events.clear()
             self.nbytes = 0
+            if push is not None:
+                n += len(push.payloads)
+                self.unreported_recorded += push.recorded
+                self.unreported_dropped += push.dropped
+                self.unreported_filtered += push.filtered
+                self.unreported_sampled_out += push.sampled_out
             self.dropped += n
+            self.unreported_dropped += n
             return n

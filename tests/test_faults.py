@@ -299,6 +299,16 @@ def test_ship_and_flush_keep_their_timeout_with_a_frozen_publisher(
     assert _seqs(server, "during") == list(range(10))
 
 
+def _stuck_in_a_push(client: SamsaraClient) -> bool:
+    """Record one event (something for the thread to push); True once the shipper
+    thread holds the connection, i.e. is waiting on a push to a frozen publisher."""
+    _record(client, 1, "during")
+    if client._shipper.lock.acquire(blocking=False):
+        client._shipper.lock.release()
+        return False
+    return True
+
+
 def test_stats_and_close_keep_their_bound_while_the_shipper_is_stuck_on_a_frozen_publisher(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:
@@ -313,18 +323,11 @@ def test_stats_and_close_keep_their_bound_while_the_shipper_is_stuck_on_a_frozen
             assert client.flush(timeout=10)
             os.kill(pub.pid, signal.SIGSTOP)
             try:
-                def shipper_busy() -> bool:
-                    _record(client, 1, "during")  # something for the thread to push
-                    if client._shipper.lock.acquire(blocking=False):
-                        client._shipper.lock.release()
-                        return False
-                    return True
-
-                wait_until(shipper_busy, 10, "the shipper thread to be stuck in a push")
+                wait_until(lambda: _stuck_in_a_push(client), 10, "the shipper thread to be stuck in a push")
                 started = time.monotonic()
                 stats = client.stats()
                 assert time.monotonic() - started < 3.8 and stats["channel"] is None, stats
-                wait_until(shipper_busy, 10, "the shipper thread to be stuck again")
+                wait_until(lambda: _stuck_in_a_push(client), 10, "the shipper thread to be stuck again")
                 started = time.monotonic()
                 assert client.close(timeout=1.0) is False
                 assert time.monotonic() - started < 1.6
@@ -334,6 +337,82 @@ def test_stats_and_close_keep_their_bound_while_the_shipper_is_stuck_on_a_frozen
         finally:
             client.close()
     assert _seqs(server, "before") == list(range(10))
+
+
+def test_a_closed_clients_stats_count_a_push_the_publisher_took_after_close_gave_up_once(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # close() gives up on a push in flight to a frozen publisher (it may or may not
+    # have it) and discards what is still staged; the publisher, thawed, then takes
+    # that push. The closed client's view of the channel must count the push once
+    # and the discarded events as dropped, so that its accounting still adds up.
+    config = dict(fast_config, ipc_timeout=3_000)
+    with Publisher(**config) as pub:
+        assert pub.pid is not None
+        client = SamsaraClient(sourceId="s", start_publishing_thread=False, **config)
+        try:
+            _record(client, 10, "before")
+            assert client.flush(timeout=10)
+            os.kill(pub.pid, signal.SIGSTOP)
+            try:
+                wait_until(lambda: _stuck_in_a_push(client), 10, "the shipper thread to be stuck in a push")
+                _record(client, 5, "after")  # staged behind the stuck push: discarded by close()
+                assert client.close(timeout=0.5) is False
+            finally:
+                os.kill(pub.pid, signal.SIGCONT)
+            local = client.stats()["local"]
+            recorded = local["recorded"]
+            # The publisher reads the push that was in its socket before close() shut it down.
+            published = wait_until(lambda: (lambda s: s if s["buffered"] == 0 and s["recorded"]
+                                            == recorded - local["discarded"] else None)(pub.stats()),
+                                   10, "the publisher to take and deliver the stuck push")
+            view = client.stats()
+        finally:
+            client.close()
+    assert local["discarded"] >= 5 and published["delivered"] == recorded - local["discarded"]
+    chan = view["channel"]
+    assert view["local"]["staged"] == 0, view["local"]
+    assert chan["recorded"] == recorded, chan
+    assert chan["recorded"] == (chan["delivered"] + chan["dropped_overflow"] + chan["rejected"]
+                                + chan["buffered"] + chan["staged"]), chan
+    assert chan["dropped_staging"] == local["discarded"], chan
+    assert len(server.events()) == published["delivered"]
+
+
+def test_stats_taken_while_the_shipper_pushes_counts_every_event_once(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # The local counts and the publisher's are read with no push of this process
+    # between them, so the channel view counts every event once at any moment, under
+    # load too: one client's channel has recorded exactly what the client recorded.
+    with Publisher(**fast_config) as pub:
+        assert pub.pid is not None
+        client = SamsaraClient(sourceId="s", start_publishing_thread=False, **fast_config)
+        views: list[dict[str, Any]] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set() and len(views) < 60:
+                stats = client.stats()
+                if stats["channel"] is not None:
+                    views.append(dict(stats["channel"], local_recorded=stats["local"]["recorded"]))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            started = time.monotonic()
+            for seq in range(2_000_000):  # until the watcher has its views (bounded in time too)
+                client.record_event(eventName="load", seq=seq)
+                if seq % 1_000 == 0 and (len(views) >= 60 or time.monotonic() - started > 15):
+                    break
+        finally:
+            done.set()
+            watcher.join(30)
+        assert client.flush(timeout=30)
+        client.close()
+    off = [v for v in views if v["recorded"] != v["local_recorded"] or v["recorded"] != v["delivered"]
+           + v["dropped_overflow"] + v["rejected"] + v["buffered"] + v["staged"]]
+    assert len(views) >= 20 and not off, (len(views), off[:3])
 
 
 _FD_REUSE = r"""
