@@ -321,7 +321,7 @@ def run_samsara_mp(srv: C.IngestProcess, rundir: str, n: int, per: int, staging:
     finally:
         pub.stop()
         C.untrack(pub.pid)
-    r["impl"] = f"samsara_mp [{ENCODER[0]}]" + ("" if staging else " staging_size=10,000 (default)")
+    r["impl"] = f"samsara_mp [{ENCODER[0]}]" + ("" if staging else " staging_size=10,000 (the first default)")
     r["kind"] = "mp" if staging else "mp-default-staging"
     return r
 
