@@ -254,6 +254,8 @@ class SamsaraClient:
         started when none ran (up to 10 s)."""
         shipper = self._shipper
         deadline = time.monotonic() + (self.config.ipc_timeout_s if timeout is None else timeout)
+        if shipper.reentered():
+            return False  # a signal handler interrupted a push: the connection is mid-message
         try:
             while self._staging.has_work() or shipper.pending or shipper.awaiting:
                 if time.monotonic() >= deadline:
@@ -304,18 +306,30 @@ class SamsaraClient:
         shipper = self._shipper
         timeout = self.config.ipc_timeout_s
         end = time.monotonic() + timeout
+        if shipper.reentered():
+            # A signal handler interrupted this thread mid-push: the connection
+            # and the counts are mid-change; only this process's view is given.
+            result = self._stats(0.0, held=False, ask=False)
+            result["error"] = "stats() from a signal handler that interrupted a push: local counts only"
+            return result
         # Holding the connection's lock, no push of this process can land between
         # the local counts and the publisher's: none is counted twice or not at all.
-        # After close() a stuck thread may hold it for good: the snapshot goes on
-        # without it, and the push that thread has in flight is settled below.
-        held = not shipper.retired and shipper.lock.acquire(timeout=timeout)
+        # A thread stuck in a push past this bound (close() shuts its connection
+        # down) leaves the snapshot to go on without it; the push it has in
+        # flight is settled below by the publisher's answer.
+        held = shipper.enter(timeout)
         try:
-            return self._stats(max(end - time.monotonic(), 0.001))
+            if held and shipper.awaiting:
+                # Read an inline push's answer first, so the snapshot does not hold it
+                # as unreported while the publisher counts it (an older publisher
+                # sends no client_last_push to settle it).
+                shipper.read_answer(max(end - time.monotonic(), 0.001))
+            return self._stats(max(end - time.monotonic(), 0.001), held)
         finally:
             if held:
                 shipper.lock.release()
 
-    def _stats(self, timeout: float) -> dict[str, Any]:
+    def _stats(self, timeout: float, held: bool, ask: bool = True) -> dict[str, Any]:
         staging = self._staging
         shipper = self._shipper
         with staging.lock:
@@ -342,11 +356,18 @@ class SamsaraClient:
                 "channel": self.channel.name,
             }
         result: dict[str, Any] = {"local": local, "channel": None}
+        if not ask:
+            return result
         if self.config.disabled or process.capturing():
             result["error"] = "disabled" if self.config.disabled else "capturing"
             return result
+        answer: Any = None
         try:
-            chan = dict(shipper.call("stats", shipper.client_id, timeout=timeout))
+            answer = shipper.call("stats", shipper.client_id, timeout=timeout, held=held)
+            chan = dict(answer)
+        except (TypeError, ValueError):
+            result["error"] = f"the publisher answered stats with a {type(answer).__name__}, not counters"
+            return result
         except _IPC_ERRORS as exc:
             cause = self.channel.last_failure()
             result["error"] = str(exc) + (f" (the last publisher logged: {cause})" if cause else "")
@@ -378,6 +399,15 @@ class SamsaraClient:
         """
         if self.closed:
             return True
+        if self._shipper.reentered():
+            # A signal handler interrupted this thread mid-push: the connection is
+            # mid-message. Nothing is given up: the client stays open, and ships
+            # what it holds at exit (a handler that exits next) or at a later close().
+            log.warning(
+                "samsara_mp: close() of channel %s from a signal handler that interrupted a push: "
+                "deferred to the exit hook or a later close()", self.channel.name,
+            )
+            return False
         if timeout is None:
             timeout = self.config.ipc_timeout_s * 2
         deadline = time.monotonic() + timeout
@@ -403,7 +433,7 @@ class SamsaraClient:
         taken for the publisher if it never left. A push already written stays
         pending: the publisher may hold it (``stats()`` asks whether it does)."""
         shipper = self._shipper
-        if not shipper.lock.acquire(blocking=False):  # a push is being written: it is sent
+        if not shipper.enter(0.0):  # a push is being written: it is sent
             return self._staging.discard()
         try:
             push = shipper.pending

@@ -71,6 +71,21 @@ class Shipper:
         self.flush_conn: TimedConnection | None = None
         self.retired = False  # close() ran: no connection is kept open from now on
 
+    def reentered(self) -> bool:
+        """True in a signal handler that interrupted this thread while it held the
+        connection (mid-push, mid-call): the connection is not usable from there."""
+        return bool(self.lock._is_owned())  # type: ignore[attr-defined]
+
+    def enter(self, timeout: float | None) -> bool:
+        """Take the connection's lock (``timeout`` None: wait), never re-entering
+        it: a signal handler's messages would land in the middle of the
+        interrupted push's, and its read would take that push's answer."""
+        if self.reentered():
+            return False
+        if timeout is None:
+            return self.lock.acquire()
+        return self.lock.acquire(timeout=max(timeout, 0.0))
+
     def after_fork(self) -> None:
         """In a forked child: forget the parent's connections, push and thread."""
         conns = (self.conn, self.flush_conn)
@@ -120,7 +135,7 @@ class Shipper:
         reused under it (a file the application opened next would get its reads
         and writes)."""
         self.retired = True
-        if self.lock.acquire(timeout=timeout if thread_ended else 0.0):
+        if self.enter(timeout if thread_ended else 0.0):
             try:
                 self.drop_connection()
             finally:
@@ -178,12 +193,10 @@ class Shipper:
     def ship_once(self, deadline: float | None = None) -> bool:
         """Push one batch, waiting (bounded) for the answer; False when the
         publisher could not be reached (or, with a ``deadline``, not within it)."""
-        if deadline is None:
-            self.lock.acquire()
-        elif not self.lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
-            return False  # the shipper thread is mid-push: it bounds that push itself
+        if not self.enter(None if deadline is None else deadline - time.monotonic()):
+            return False  # mid-push (the thread, or the code a signal handler interrupted)
         try:
-            if self.awaiting and not self._read_answer(self._bounded(self.config.ipc_timeout_s, deadline)):
+            if self.awaiting and not self.read_answer(self._bounded(self.config.ipc_timeout_s, deadline)):
                 return False
             try:
                 conn = self.connection(deadline=deadline)
@@ -214,7 +227,7 @@ class Shipper:
     def ship_inline(self) -> None:
         """From ``record_event`` without a thread: push without ever waiting on the publisher."""
         now = time.monotonic()
-        if now < self.next_connect or not self.lock.acquire(blocking=False):
+        if now < self.next_connect or not self.enter(0.0):
             return
         try:
             if self.awaiting:
@@ -224,7 +237,7 @@ class Shipper:
                         self.drop_connection()
                         self.note_unreachable(IPCError(errno.ETIMEDOUT, "no answer to a push in time"))
                     return
-                if not self._read_answer(INLINE_BUDGET):
+                if not self.read_answer(INLINE_BUDGET):
                     return
             try:
                 conn = self.connection(deadline=now + INLINE_BUDGET, wait=False)
@@ -251,7 +264,7 @@ class Shipper:
         finally:
             self.lock.release()
 
-    def _read_answer(self, timeout: float) -> bool:
+    def read_answer(self, timeout: float) -> bool:
         """Read the answer to an inline push; True when it was acknowledged."""
         conn = self.conn
         self.awaiting = False
@@ -405,14 +418,16 @@ class Shipper:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def call(
-        self, method: str, *args: Any, timeout: float, elect: bool = False, deadline: float | None = None
+        self, method: str, *args: Any, timeout: float, elect: bool = False, deadline: float | None = None,
+        held: bool = False,
     ) -> Any:
         """One request on this process's connection, retried once on a connection
         that died (the publisher was replaced since it was opened).
 
         ``timeout`` bounds the whole call, the wait for the connection's lock
         included (the shipper thread may hold it through a push to a stuck
-        publisher), so that ``stats()`` takes ``ipc_timeout`` at most."""
+        publisher), so that ``stats()`` takes ``ipc_timeout`` at most.
+        ``held``: the caller holds the lock already (``stats()``)."""
         end = time.monotonic() + timeout
         if self.retired:
             # After close(): one call on a connection of its own, closed at once.
@@ -421,12 +436,16 @@ class Shipper:
                 return conn.call(method, *args, timeout=self._bounded(timeout, end))
             finally:
                 conn.close()
-        if not self.lock.acquire(timeout=timeout):
+        if held:
+            self.lock.acquire()  # re-entered by its holder, on purpose
+        elif self.reentered():
+            raise IPCError(errno.EBUSY, "called from a signal handler that interrupted a push")
+        elif not self.lock.acquire(timeout=timeout):
             raise IPCTimeout(errno.ETIMEDOUT, "the connection stayed busy with a push")
         try:
             for attempt in (1, 2):
                 if self.awaiting:
-                    self._read_answer(self._bounded(self.config.ipc_timeout_s, end))
+                    self.read_answer(self._bounded(self.config.ipc_timeout_s, end))
                 fresh = self.conn is None
                 try:
                     conn = self.connection(elect=elect, deadline=deadline if elect else end)

@@ -6,6 +6,7 @@ the recorded ones minus the counted drops, with no duplicates.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import settled_stats, wait_until
 
 from samsara_mp import Publisher, SamsaraClient
 from samsara_mp.ingest import IngestServer
@@ -379,8 +380,9 @@ def test_a_closed_clients_stats_count_a_push_the_publisher_took_after_close_gave
     assert len(server.events()) == published["delivered"]
 
 
+@pytest.mark.parametrize("closed", [False, True], ids=["open", "after-close"])
 def test_stats_taken_while_the_shipper_pushes_counts_every_event_once(
-    server: IngestServer, fast_config: dict[str, Any]
+    closed: bool, server: IngestServer, fast_config: dict[str, Any]
 ) -> None:
     # The local counts and the publisher's are read with no push of this process
     # between them, so the channel view counts every event once at any moment, under
@@ -388,6 +390,8 @@ def test_stats_taken_while_the_shipper_pushes_counts_every_event_once(
     with Publisher(**fast_config) as pub:
         assert pub.pid is not None
         client = SamsaraClient(sourceId="s", start_publishing_thread=False, **fast_config)
+        if closed:  # a closed client still records and ships, from the caller's thread
+            assert client.close(timeout=10)
         views: list[dict[str, Any]] = []
         done = threading.Event()
 
@@ -403,6 +407,8 @@ def test_stats_taken_while_the_shipper_pushes_counts_every_event_once(
             started = time.monotonic()
             for seq in range(2_000_000):  # until the watcher has its views (bounded in time too)
                 client.record_event(eventName="load", seq=seq)
+                if closed and seq % 50 == 0:
+                    client.ship(timeout=5)
                 if seq % 1_000 == 0 and (len(views) >= 60 or time.monotonic() - started > 15):
                     break
         finally:
@@ -413,6 +419,104 @@ def test_stats_taken_while_the_shipper_pushes_counts_every_event_once(
     off = [v for v in views if v["recorded"] != v["local_recorded"] or v["recorded"] != v["delivered"]
            + v["dropped_overflow"] + v["rejected"] + v["buffered"] + v["staged"]]
     assert len(views) >= 20 and not off, (len(views), off[:3])
+
+
+def test_stats_and_close_from_a_signal_handler_that_interrupts_a_push_use_no_connection(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # Inline shipping: record_event itself pushes, so a signal can land mid-push.
+    # A handler's stats() must not talk on that connection (it read the push's
+    # answer as its own), and its close() must neither push mid-message nor give
+    # up what is staged: it is deferred, and the client ships at a later close().
+    with Publisher(**fast_config) as pub:
+        assert pub.pid is not None
+        client = SamsaraClient(sourceId="s", start_publishing_thread=False, shipper="inline",
+                               ship_batch=500, **fast_config)
+        seen: dict[str, Any] = {"stats": [], "errors": [], "close": None}
+
+        def handler(signum: int, frame: Any) -> None:
+            if not client._shipper.reentered():
+                return  # not mid-push this time
+            try:
+                if len(seen["stats"]) < 20:
+                    seen["stats"].append(client.stats())
+                elif seen["close"] is None:
+                    seen["close"] = client.close(timeout=2)
+            except Exception as exc:  # noqa: BLE001 - the test reports what escaped
+                seen["errors"].append(repr(exc))
+
+        previous = signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+        try:
+            started, seq = time.monotonic(), 0
+            while seen["close"] is None and time.monotonic() - started < 20 and seq < 2_000_000:
+                client.record_event(eventName="load", seq=seq)
+                seq += 1
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            signal.signal(signal.SIGALRM, previous)
+        try:
+            assert seen["close"] is False and not client.closed and not seen["errors"], seen["errors"]
+            assert seen["stats"] and all(s["channel"] is None and "signal handler" in s["error"]
+                                         for s in seen["stats"])
+            assert client.close(timeout=30)
+        finally:
+            client.close()
+        stats = settled_stats(pub, seq)
+    assert client.discarded == 0 and stats["delivered"] == seq
+    assert sorted(_seqs(server, "load")) == list(range(seq))
+
+
+_OLDER_PUBLISHER = r"""
+import json, signal, sys
+from samsara_mp.config import Config
+from samsara_mp.publisher import PublisherProcess
+
+class Older(PublisherProcess):  # a release before client_last_push: stats ignores the client's id
+    def stats(self, client_id=None):
+        return super().stats()
+
+proc = Older(Config.build(env={}, **json.loads(sys.argv[1])))
+signal.signal(signal.SIGTERM, proc.request_stop)
+sys.exit(proc.run())
+"""
+
+
+def test_an_inline_push_awaiting_its_answer_is_counted_once_by_stats_with_an_older_publisher(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # stats() reads the answer of a push written inline before it takes its local
+    # counts: an older publisher, which sends no client_last_push to settle the
+    # push, must not see it counted twice either.
+    proc = subprocess.Popen([sys.executable, "-c", _OLDER_PUBLISHER, json.dumps(fast_config)])
+    try:
+        client = SamsaraClient(sourceId="s", start_publishing_thread=False, shipper="inline",
+                               ship_batch=20, **fast_config)
+        try:
+            wait_until(lambda: client.stats()["channel"] is not None, 20, "the older publisher to serve")
+            views = []
+            for _ in range(10):
+                for seq in range(19):
+                    client.record_event(eventName="x", seq=seq)
+
+                def awaiting_and_answered() -> bool:
+                    client.record_event(eventName="x", seq=-1)  # the batch's push is written inline
+                    conn = client._shipper.conn
+                    return bool(client._shipper.awaiting and conn is not None and conn.poll(0))
+
+                wait_until(awaiting_and_answered, 10, "a push written inline and answered, unread")
+                stats = client.stats()
+                views.append((stats["local"]["recorded"], stats["channel"]["recorded"]))
+            assert all(local == chan for local, chan in views), views
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 _FD_REUSE = r"""
