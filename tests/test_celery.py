@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import settled_stats, wait_until
+from procs import stop
 
 from samsara_mp import InvalidConfiguration, Publisher
 from samsara_mp.ingest import IngestServer
@@ -66,12 +67,7 @@ def redis_port() -> Iterator[int]:
         client.close()
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
 
 
 def _session_members(sid: int) -> list[int]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import settled_stats, wait_until
+from procs import stop
 
 from samsara_mp import Publisher, SamsaraClient
 from samsara_mp.ingest import IngestServer
@@ -511,12 +512,7 @@ def test_an_inline_push_awaiting_its_answer_is_counted_once_by_stats_with_an_old
         finally:
             client.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc, grace=20)
 
 
 _FD_REUSE = r"""

@@ -22,7 +22,7 @@ from conftest import wait_until
 from procs import alive as _alive
 from procs import children as _children
 from procs import free_port as _free_port
-from procs import get_pid
+from procs import get_pid, stop
 from procs import kill_if as _kill_if
 
 from samsara_mp import Publisher
@@ -146,13 +146,7 @@ def test_every_answered_request_arrives_once_through_hup_and_a_killed_worker(
         wait_until(lambda: not _alive(publisher_pid), 10, "the publisher to stop with the master")
     finally:
         seen |= _children(master.pid)
-        if master.poll() is None:
-            master.send_signal(signal.SIGTERM)
-            try:
-                master.wait(30)
-            except subprocess.TimeoutExpired:
-                master.kill()
-                master.wait(10)
+        stop(master, signal.SIGTERM, grace=30)
         for pid in seen:
             _kill_if(pid, "gunicorn")
         if publisher_pid is not None:

@@ -28,6 +28,7 @@ from procs import alive as _alive
 from procs import children as _children
 from procs import free_port as _free_port
 from procs import kill_if as _kill_if
+from procs import stop
 
 from samsara_mp.channel import Channel
 from samsara_mp.config import Config
@@ -88,13 +89,7 @@ def _args(port: int, *extra: str) -> list[str]:
 
 def _stop(master: subprocess.Popen[bytes], seen: set[int], publisher_pid: int | None) -> None:
     seen |= _children(master.pid)
-    if master.poll() is None:
-        master.send_signal(signal.SIGINT)
-        try:
-            master.wait(30)
-        except subprocess.TimeoutExpired:
-            master.kill()
-            master.wait(10)
+    stop(master, signal.SIGINT, grace=30)
     for pid in seen:
         _kill_if(pid, "uwsgi")
     if publisher_pid is not None:
