@@ -60,6 +60,21 @@ def test_commit_removes_delivered_and_rejected_and_keeps_the_rest_in_order() -> 
     assert balanced(buf)
 
 
+def test_whole_batches_delivered_leave_the_rest_in_order_with_its_bytes() -> None:
+    buf = SharedBuffer(max_size=100)
+    buf.push([ev(i) for i in range(20)])
+    for size, budget in ((5, 10**6), (100, 30), (100, 10**6)):  # ring longer, byte budget, all
+        batch = buf.peek(size, budget)
+        assert batch.nbytes == sum(map(len, batch.payloads))
+        buf.commit(batch, delivered=range(len(batch.payloads)), rejected=[])
+        left = buf.peek(100, 10**6).payloads
+        assert left == [ev(i) for i in range(20 - len(left), 20)]
+        assert buf.snapshot()["buffered_bytes"] == sum(map(len, left))
+    s = buf.snapshot()
+    assert (s["delivered"], s["buffered"], s["buffered_bytes"]) == (20, 0, 0) and balanced(buf)
+    assert buf.oldest_age() == 0.0
+
+
 def test_events_dropped_in_flight_but_delivered_count_as_delivered() -> None:
     buf = SharedBuffer(max_size=4)
     buf.push([ev(i) for i in range(4)])
@@ -113,6 +128,7 @@ def test_accounting_always_adds_up(max_size: int, script: list[tuple[str, int, i
             in_flight = None
         assert balanced(buf)
         assert len(buf) <= max_size
+        assert buf.snapshot()["buffered_bytes"] == sum(map(len, buf.peek(10**6, 10**9).payloads))
         # Order is kept: what remains is increasing.
         left = [int(p[5:-1]) for p in buf.peek(10**6, 10**9).payloads]
         assert left == sorted(left)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samsara_mp.transport import Transport, gzip_bytes, gzip_level1
+from samsara_mp.transport import Transport, gzip_bytes, gzip_level1, join_events
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = [b'{"eventName":"bench.event","seq":%d,"payload":"%s","sourceId":"s-%d"}' % (i, b"x" * 50, i % 7)
@@ -41,6 +42,16 @@ def test_every_level_gives_one_gzip_member_of_the_same_bytes(data: bytes, level:
     packed = gzip_bytes(data, level)
     assert packed[:2] == b"\x1f\x8b"
     assert gzip.decompress(packed) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**40).map(lambda i: b'{"i":%d}' % i), max_size=50))
+def test_a_batch_joins_into_the_json_array_of_its_events_and_is_left_as_it_was(events: list[bytes]) -> None:
+    before = list(events)
+    body = join_events(events)
+    assert body == b"[" + b",".join(events) + b"]"
+    assert json.loads(body) == [json.loads(e) for e in events]
+    assert events == before
 
 
 def test_other_levels_are_zlib_as_configured() -> None:
