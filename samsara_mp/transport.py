@@ -126,7 +126,10 @@ def gzip_bytes(data: bytes, level: int) -> bytes:
 
 
 class Transport:
-    """POSTs batches to ``{url}/v1/events`` with the headers the API expects."""
+    """POSTs batches to ``{url}/v1/events`` with the headers the API expects.
+
+    A ``session`` given is read for its headers, auth and hooks once, here (the
+    request is prepared once); its cookies are read at each POST."""
 
     def __init__(
         self,
@@ -160,6 +163,10 @@ class Transport:
         # CPU (benchmarks/README.md, "CPU per event"). Each POST copies it.
         self._template = self.session.prepare_request(
             requests.Request("POST", endpoint, headers=self._headers))
+        if not any(k.lower() == "cookie" for k in self._headers):
+            # The session's cookies are added per POST, as they are then (an
+            # answer may have changed them); none are frozen into the template.
+            self._template.headers.pop("Cookie", None)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Transport:

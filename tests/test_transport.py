@@ -28,6 +28,8 @@ class _Recorder(BaseHTTPRequestHandler):
         self.send_response(200)
         if len(self.seen) == 1:
             self.send_header("Set-Cookie", "lb=node-7; Path=/")
+        elif self.headers.get("X-Rotate"):
+            self.send_header("Set-Cookie", f"lb=node-{len(self.seen)}; Path=/")
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"{}")
@@ -75,6 +77,24 @@ def test_each_post_has_its_own_body_length_and_timestamp_and_the_cookie_an_answe
     assert stamps == sorted(stamps)
     assert "Cookie" not in seen[0]["headers"]
     assert [r["headers"]["Cookie"] for r in seen[1:]] == ["lb=node-7", "lb=node-7"]
+
+
+def test_cookies_a_given_session_holds_are_sent_as_they_are_at_each_post(
+    recorder: tuple[str, list[dict[str, Any]]],
+) -> None:
+    import requests
+
+    base, seen = recorder
+    session = requests.Session()
+    session.cookies.set("lb", "node-0", domain="127.0.0.1", path="/")
+    transport = Transport(base + "/v1/events", 5.0, session=session, headers={"X-Rotate": "1"})
+    try:
+        for i in range(4):
+            assert transport.post([b'{"i":%d}' % i]).status == 200
+    finally:
+        transport.close()
+    # The first answer replaces node-0 with node-7; later answers rotate it.
+    assert [r["headers"]["Cookie"] for r in seen] == ["lb=node-0", "lb=node-7", "lb=node-2", "lb=node-3"]
 
 
 def test_url_credentials_are_sent_as_basic_auth_on_every_post(
