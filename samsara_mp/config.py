@@ -526,6 +526,7 @@ _RESERVED_HEADERS = frozenset(
      "transfer-encoding", "x-samsara-publishedtimestamp"}
 )
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_BAD_VALUE_CHAR_RE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 
 
 def _check_headers(headers: object) -> None:
@@ -555,6 +556,15 @@ def _check_headers(headers: object) -> None:
             )
         if any(c in value for c in "\r\n\0"):
             raise InvalidConfiguration("headers", f"the value of {name!r} holds a line break or NUL")
+        # What requests and http.client would refuse at the first POST, quoting the
+        # value in the error (and stopping every batch): refused here, unquoted.
+        if value != value.strip(" \t"):
+            raise InvalidConfiguration("headers", f"the value of {name!r} begins or ends with a blank")
+        if _BAD_VALUE_CHAR_RE.search(value):
+            raise InvalidConfiguration(
+                "headers", f"the value of {name!r} holds a control character or one outside Latin-1 "
+                "(an HTTP header value is visible ASCII, spaces, tabs and bytes 0x80-0xFF)"
+            )
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

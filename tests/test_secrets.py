@@ -110,6 +110,10 @@ def test_a_failing_api_logs_no_secret(runtime_dir: str) -> None:
         ({"Bad Name": "x"}, "not a valid HTTP header name"),
         ({"X-Token": f"{TOKEN}\r\nX-Injected: 1"}, "line break"),
         ({"X-Token": 5}, "must be a string"),
+        ({"Authorization": f" Bearer {TOKEN}"}, "begins or ends with a blank"),
+        ({"Authorization": f"Bearer {TOKEN}\t"}, "begins or ends with a blank"),
+        ({"X-Token": f"{TOKEN}\u2603"}, "outside Latin-1"),
+        ({"X-Token": f"{TOKEN}\x7f"}, "control character"),
         (["X-Token", TOKEN], "must be a mapping"),
     ],
 )
