@@ -207,10 +207,13 @@ class PublishLoop:
                 return True
             now = time.monotonic()
             if now >= next_tick:
-                next_tick = now + interval
                 n = len(self.buffer)
-                if n and (n >= self.config.min_buffer_size or self.buffer.oldest_age() >= interval):
+                age = self.buffer.oldest_age() if n else 0.0
+                if n and (n >= self.config.min_buffer_size or age >= interval):
                     return True
+                # Fewer than min_buffer_size: they go once the oldest has waited a
+                # whole interval, not at the tick after (which made it nearly two).
+                next_tick = now + (max(interval - age, 0.001) if n else interval)
             timeout = next_tick - time.monotonic()
             if self.buffer.spilling:
                 self.buffer.sync_spool()  # the fsync interval holds when pushes stop

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,3 +90,19 @@ def test_a_publisher_behind_sends_the_rest_at_once_not_at_the_next_interval(
     buffer.push(_events(250, 10))
     with pytest.raises(AssertionError):
         wait_until(lambda: server.event_count() > 250, 0.5, "nothing")
+
+
+def test_fewer_events_than_min_buffer_size_go_once_the_oldest_waited_one_interval_not_two(
+    server: IngestServer, make_loop: Any
+) -> None:
+    loop, buffer = make_loop(publish_interval=2000, min_buffer_size=100)
+    loop.start()
+    # The scenario, not a synchronisation: the event lands 0.6 s after the loop's
+    # start, so the first tick (at 2 s) finds it 1.4 s old, short of an interval.
+    time.sleep(0.6)
+    pushed = time.monotonic()
+    buffer.push(_events(0, 1))
+    wait_until(lambda: server.event_count() == 1, 10, "the event to arrive")
+    waited = time.monotonic() - pushed
+    # At 2.0 s of age (2.6 s after the start), not at the second tick (3.4 s of age).
+    assert 1.9 <= waited < 3.0, waited
