@@ -389,33 +389,34 @@ class Shipper:
             finally:
                 conn.close()
         try:
-            for attempt in (1, 2):
-                wait = deadline - time.monotonic()
-                if wait <= 0:
-                    return False
-                fresh = self.flush_conn is None
-                if fresh:
-                    try:
-                        conn = self.channel.connect(self._bounded(ipc, deadline))
-                    except IPCError:
-                        return None
-                    if self.retired:
-                        conn.close()  # a close() came meanwhile: keep nothing open
-                        return None
-                    self.flush_conn = conn
-                assert self.flush_conn is not None
-                wait = max(deadline - time.monotonic(), 0.001)
+            if deadline - time.monotonic() <= 0:
+                return False
+            kept = self.flush_conn
+            if kept is not None and _peer_gone(kept):
+                # The publisher it reached has gone since an earlier flush: not this
+                # flush's publisher, so a new connection, not an error.
+                self._drop_flush_conn()
+            if self.flush_conn is None:
                 try:
-                    return bool(self.flush_conn.call("flush", wait, timeout=wait + ipc))
-                except (EOFError, OSError) as exc:
-                    self._drop_flush_conn()
-                    if fresh or attempt == 2 or isinstance(exc, TimeoutError):
-                        raise
+                    conn = self.channel.connect(self._bounded(ipc, deadline))
+                except IPCError:
+                    return None
+                if self.retired:
+                    conn.close()  # a close() came meanwhile: keep nothing open
+                    return None
+                self.flush_conn = conn
+            wait = max(deadline - time.monotonic(), 0.001)
+            try:
+                return bool(self.flush_conn.call("flush", wait, timeout=wait + ipc))
+            except (EOFError, OSError):
+                # The publisher went while it flushed (killed, say): what it held
+                # may be lost, so this flush is not done, whoever answers next.
+                self._drop_flush_conn()
+                raise
         finally:
             if self.retired:
                 self._drop_flush_conn()
             self.flush_lock.release()
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def call(
         self, method: str, *args: Any, timeout: float, elect: bool = False, deadline: float | None = None,
@@ -479,3 +480,13 @@ def _uwsgi_without_threads() -> bool:
         return False
     # uWSGI 2.0 says whether Python threads run here; --enable-threads alone is not it.
     return not getattr(uwsgi, "has_threads", 0)
+
+
+def _peer_gone(conn: TimedConnection) -> bool:
+    """True when the peer closed ``conn`` (nothing else is ever unread on a flush
+    connection between calls), or it is unusable."""
+    try:
+        return bool(conn.poll(0))
+    except (OSError, EOFError, ValueError):
+        return True
+

@@ -644,6 +644,51 @@ def test_publisher_sigkill_under_load_loses_only_what_it_held(
     assert len(load) == len(set(load)) and load == sorted(load)
 
 
+def test_a_flush_whose_publisher_is_killed_while_it_waits_is_not_done(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    client = SamsaraClient(sourceId="s", **fast_config)
+    try:
+        _record(client, 1, "warm")
+        assert client.flush(timeout=10)  # keeps its flush connection to this publisher
+        pid = client.channel.read_info()["pid"]
+        server.inject(mode="hang", count=1, hang_seconds=5)
+        _record(client, 100, "lost")
+        result: dict[str, Any] = {}
+        flusher = threading.Thread(target=lambda: result.update(done=client.flush(timeout=10)))
+        flusher.start()
+        # The publisher is inside the POST of the 100 (the hang taken): the flush waits on it.
+        wait_until(lambda: not server.pending_faults(), 10, "the POST to hang")
+        os.kill(pid, signal.SIGKILL)
+        flusher.join(15)
+        assert not flusher.is_alive()
+        # The 100 went with the killed publisher: not done, though a new one would answer.
+        assert result["done"] is False
+        assert _seqs(server, "lost") == []
+        _record(client, 10, "after")
+        assert client.flush(timeout=10)  # a new publisher: this flush is done
+        assert _seqs(server, "after") == list(range(10))
+    finally:
+        client.close()  # the runtime_dir fixture stops the publisher elected after the kill
+
+
+def test_a_flush_after_its_kept_publisher_was_replaced_reaches_the_new_one(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    client = SamsaraClient(sourceId="s", **fast_config)
+    try:
+        _record(client, 5, "first")
+        assert client.flush(timeout=10)  # keeps its flush connection to this publisher
+        pid = client.channel.read_info()["pid"]
+        os.kill(pid, signal.SIGTERM)  # a clean stop: it sends what it held first
+        wait_until(lambda: (i := client.channel.read_info()) is None or i["pid"] != pid, 15, "it to go")
+        _record(client, 5, "second")
+        assert client.flush(timeout=15)  # the stale kept connection is not this flush's failure
+        assert _seqs(server, "first") == list(range(5)) and _seqs(server, "second") == list(range(5))
+    finally:
+        client.close()
+
+
 def _hook_success(count: int, response: Any) -> None:
     with open(os.environ["SMP_HOOK_LOG"], "a") as f:
         f.write(f"success {count} {response.status}\n")
