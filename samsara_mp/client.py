@@ -204,6 +204,8 @@ class SamsaraClient:
 
     def _start_thread(self) -> bool:
         self._thread_started = self._shipper.start_thread()
+        if self._thread_started:
+            process.guard_pool_worker(self.exit_timeout_s)
         return self._thread_started
 
     # ---- public API ----

@@ -85,6 +85,40 @@ def close_all(timeout: float = 5.0) -> bool:
     return done
 
 
+def guard_pool_worker(timeout: float) -> None:
+    """In a ``multiprocessing.Pool`` worker whose SIGTERM is still the default, ship
+    staged events on SIGTERM (within ``timeout``) before it ends the worker.
+
+    ``with Pool() as p:`` leaves through ``Pool.terminate()``, which SIGTERMs the
+    workers; the default action skips every exit hook, so what a worker had
+    staged (all of it, on a cold channel whose publisher is still starting) was
+    lost, and counted nowhere. ``PoolPublisher``'s initializer installs the same
+    handler; this covers a plain Pool. A handler of the application's own, and
+    any thread but the main one, are left alone."""
+    if _pool_guarded[0] == os.getpid():
+        return
+    import multiprocessing
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or multiprocessing.parent_process() is None
+            or "PoolWorker" not in multiprocessing.current_process().name
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        return
+    _pool_guarded[0] = os.getpid()
+    from .integrations.multiprocessing import _install
+
+    try:
+        # Nothing in a Pool worker reads a wakeup fd a fork inherited: the watcher takes it.
+        _install(timeout, take_wakeup_fd=True)
+    except (OSError, ValueError) as exc:
+        log.warning("samsara_mp: cannot ship on SIGTERM in this Pool worker: %s", exc)
+
+
+_pool_guarded = [0]  # the pid whose Pool-worker SIGTERM guard was decided
+
+
 def _close_all_at_exit() -> None:
     """Ship every open client's staged events as the process ends, each bounded."""
     for client in _open_clients():

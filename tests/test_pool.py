@@ -225,3 +225,37 @@ def test_a_default_context_forkserver_pool_gets_the_parents_get_client_config(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert server.wait_for_events(200, 30), server.event_count()
     assert _numbers(server, "fs.task") == Counter(range(200))
+
+
+_PLAIN_POOL = """
+import multiprocessing, sys
+from samsara_mp import get_client
+
+def work(n):
+    get_client().record_event(eventName="plain.task", n=n)
+    return n
+
+if __name__ == "__main__":
+    # A new user's Pool: default configuration, a cold channel, no PoolPublisher,
+    # and `with`, whose exit terminate()s (SIGTERMs) the workers.
+    client = get_client(url=sys.argv[1], runtime_dir=sys.argv[2], channel="plain", sourceId="p")
+    with multiprocessing.get_context(sys.argv[3]).Pool(4) as pool:
+        assert pool.map(work, range(2000)) == list(range(2000))
+    sys.exit(0 if client.flush(timeout=30) else 1)
+"""
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_plain_pool_left_by_with_delivers_what_its_workers_staged(
+    method: str, server: IngestServer, runtime_dir: str, tmp_path: Any
+) -> None:
+    script = tmp_path / "plain_pool.py"
+    script.write_text(_PLAIN_POOL)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAMSARA_MP_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, str(script), server.url, runtime_dir, method],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert server.wait_for_events(2000, 30), server.event_count()
+    assert _numbers(server, "plain.task") == Counter(range(2000))
+
