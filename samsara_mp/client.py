@@ -272,12 +272,15 @@ class SamsaraClient:
             if shipper.retired:
                 shipper.close_connection(True, 0.0)  # used after close(): keep no connection
 
-    def flush(self, timeout: float = 30.0) -> bool:
+    def flush(self, timeout: float | None = None) -> bool:
         """Ship staged events and wait until the publisher has sent all it holds.
 
         True when everything buffered before the call has left the buffer
-        (delivered, or counted as rejected or dropped) within ``timeout``.
+        (delivered, or counted as rejected or dropped) within ``timeout``
+        (None: 30 s, as ``close(None)`` takes its default).
         """
+        if timeout is None:
+            timeout = 30.0
         if self.config.disabled or process.capturing():
             return self.ship(timeout)  # nothing of this mode reaches a publisher: never elect one
         deadline = time.monotonic() + timeout
@@ -446,7 +449,7 @@ class SamsaraClient:
         finally:
             shipper.lock.release()
 
-    async def aflush(self, timeout: float = 30.0) -> bool:
+    async def aflush(self, timeout: float | None = None) -> bool:
         """:meth:`flush` for async code: the wait runs in a worker thread, off the event loop."""
         import asyncio  # here: a worker that never awaits does not import asyncio
 

@@ -269,6 +269,8 @@ def test_stats_and_flush_reconnect_once_to_a_replaced_publisher(
             assert client.flush(timeout=10)
         with Publisher(**fast_config):
             assert client.flush(timeout=10)
+            client.record_event(eventName="after")
+            assert client.flush(None)  # the default timeout, as close(None) takes its own
     finally:
         client.close()
 
