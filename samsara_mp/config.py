@@ -297,7 +297,7 @@ class Config:
         if self.compression_level > 9:
             raise InvalidConfiguration("compression_level", "must be between 1 and 9")
         if self.channel is not None and (
-            not isinstance(self.channel, str) or not _CHANNEL_RE.match(self.channel)
+            not isinstance(self.channel, str) or not _CHANNEL_RE.fullmatch(self.channel)
         ):
             raise InvalidConfiguration(
                 "channel", "must be 1-64 characters of letters, digits, '_', '.', '-'"
@@ -541,7 +541,7 @@ def _check_headers(headers: object) -> None:
             raise InvalidConfiguration(
                 "headers", f"header #{index + 1}'s name must be a string, not {type(name).__name__}"
             )
-        if not _TOKEN_RE.match(name):
+        if not _TOKEN_RE.fullmatch(name):
             # Not echoed: a name that is not a token is often a whole "Name: secret" line.
             raise InvalidConfiguration(
                 "headers", f"header #{index + 1}'s name ({len(name)} characters) is not a valid "
@@ -558,7 +558,7 @@ def _check_headers(headers: object) -> None:
             raise InvalidConfiguration("headers", f"the value of {name!r} holds a line break or NUL")
         # What requests and http.client would refuse at the first POST, quoting the
         # value in the error (and stopping every batch): refused here, unquoted.
-        if value != value.strip(" \t"):
+        if value != value.strip():  # any blank requests' \S refuses: NBSP and NEL too
             raise InvalidConfiguration("headers", f"the value of {name!r} begins or ends with a blank")
         if _BAD_VALUE_CHAR_RE.search(value):
             raise InvalidConfiguration(

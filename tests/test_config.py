@@ -49,6 +49,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"compression_level": 10}, "compression_level"),
     ({"channel": "../etc"}, "channel"),
     ({"channel": ""}, "channel"),
+    ({"channel": "web\n"}, "channel"),  # a trailing newline, which a "$" lets through
     ({"max_batch_size": 0}, "max_batch_size"),
     ({"staging_size": 0}, "staging_size"),
     ({"ipc_timeout": "2s"}, "ipc_timeout"),
