@@ -284,8 +284,13 @@ class SamsaraClient:
         if self.config.disabled or process.capturing():
             return self.ship(timeout)  # nothing of this mode reaches a publisher: never elect one
         deadline = time.monotonic() + timeout
+        shipper = self._shipper
         if not self.ship(timeout):
             return False
+        # The publishers that took this process's events since the last confirmed
+        # flush (the thread's pushes as well as this ship's): the one that answers
+        # must be the only one, or what another held may have gone with it (killed).
+        holders = set(shipper.unflushed_peers)
         left = deadline - time.monotonic()
         if left <= 0:
             return False
@@ -293,18 +298,37 @@ class SamsaraClient:
             # On a connection of its own: the wait (a Retry-After may make it long)
             # must not hold the shipper's, or the thread, ship() and stats() would
             # wait behind it.
-            done = self._shipper.wait_flushed(deadline)
-            if done is None:
+            done = shipper.wait_flushed(deadline)
+            if done is None and all(map(_running, holders)):
                 # No publisher answered: the shipper's connection elects one.
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                done = self._shipper.call("flush", left, timeout=left + self.config.ipc_timeout_s,
-                                          elect=True, deadline=deadline)
-            return bool(done)
+                if left > 0:
+                    done = shipper.call("flush", left, timeout=left + self.config.ipc_timeout_s,
+                                        elect=True, deadline=deadline)
+                    shipper.flush_peer = shipper.call_peer
         except _IPC_ERRORS as exc:
             log.warning("samsara_mp: flush could not reach the publisher: %s", exc)
+            done = False
+        return self._settle_flush(holders, done)
+
+    def _settle_flush(self, holders: set[int], done: bool | None) -> bool:
+        """A flush is done only when the publisher that answered it is the one that
+        took every push since the last done flush. One that went before it answered
+        (killed: what it held is lost) is said once, and the next flush answers for
+        what follows."""
+        shipper = self._shipper
+        if done:
+            gone = {p for p in holders if p != shipper.flush_peer}
+        else:
+            gone = {p for p in holders if not _running(p)}
+        if gone:
+            shipper.unflushed_peers -= gone
+            log.warning("samsara_mp: the publisher (pid %s) that took events of this flush went "
+                        "before it answered; they may be lost", ", ".join(map(str, sorted(gone))))
             return False
+        if done:
+            shipper.unflushed_peers -= holders  # all they took has left their buffer
+        return bool(done)
 
     def stats(self) -> dict[str, Any]:
         """This process's counters, and the channel's from its publisher when reachable."""
@@ -488,3 +512,19 @@ def get_client(**config: Any) -> SamsaraClient:
             client = _default_client = SamsaraClient(**config)
             export_to_env({k: v for k, v in config.items() if v is not None})
         return client
+
+
+def _running(pid: int) -> bool:
+    """The process ``pid`` exists and has not ended (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc here: it exists
+

@@ -31,6 +31,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +70,23 @@ class TimedConnection(Connection):
         os.set_blocking(handle, False)
         super().__init__(handle)
         self.timeout = timeout
+        self._peer: int | None = -1  # not read yet
+
+    def peer_pid(self) -> int | None:
+        """The pid of the process that listens at the other end (Linux's SO_PEERCRED,
+        read once): which publisher this is. None where the system does not say."""
+        if self._peer == -1:
+            self._peer = None
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(self.fileno()))
+                try:
+                    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                finally:
+                    sock.close()
+                self._peer = struct.unpack("3i", creds)[0] or None
+            except (OSError, AttributeError, ValueError, struct.error):
+                pass
+        return self._peer
 
     # During a handshake: one deadline for all its reads and writes (else a peer
     # that answers each piece just in time holds us several timeouts).

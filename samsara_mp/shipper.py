@@ -70,6 +70,17 @@ class Shipper:
         self.flush_lock = threading.Lock()
         self.flush_conn: TimedConnection | None = None
         self.retired = False  # close() ran: no connection is kept open from now on
+        # Which publishers (pids) took pushes no flush has confirmed yet, and which
+        # answered the last flush: a flush answered by another than one holding
+        # its events is not done (those may have gone with a killed publisher).
+        self.unflushed_peers: set[int] = set()
+        self.flush_peer: int | None = None
+        self.call_peer: int | None = None  # which publisher the last call() went to
+
+    def took(self, conn: TimedConnection) -> None:
+        peer = conn.peer_pid()
+        if peer is not None:
+            self.unflushed_peers.add(peer)
 
     def reentered(self) -> bool:
         """True in a signal handler that interrupted this thread while it held the
@@ -220,6 +231,7 @@ class Shipper:
                 return False
             self.pending = None
             self.failures = 0
+            self.took(conn)
             return True
         finally:
             self.lock.release()
@@ -286,6 +298,7 @@ class Shipper:
             return False
         self.pending = None
         self.failures = 0
+        self.took(conn)
         return True
 
     def _next_push(self, conn: TimedConnection) -> Push | None:
@@ -385,6 +398,7 @@ class Shipper:
                 return None
             try:
                 wait = max(deadline - time.monotonic(), 0.001)
+                self.flush_peer = conn.peer_pid()
                 return bool(conn.call("flush", wait, timeout=wait + ipc))
             finally:
                 conn.close()
@@ -406,6 +420,7 @@ class Shipper:
                     return None
                 self.flush_conn = conn
             wait = max(deadline - time.monotonic(), 0.001)
+            self.flush_peer = self.flush_conn.peer_pid()
             try:
                 return bool(self.flush_conn.call("flush", wait, timeout=wait + ipc))
             except (EOFError, OSError):
@@ -434,6 +449,7 @@ class Shipper:
             # After close(): one call on a connection of its own, closed at once.
             conn = self.channel.connect(self._bounded(self.config.ipc_timeout_s, end))
             try:
+                self.call_peer = conn.peer_pid()
                 return conn.call(method, *args, timeout=self._bounded(timeout, end))
             finally:
                 conn.close()
@@ -450,6 +466,7 @@ class Shipper:
                 fresh = self.conn is None
                 try:
                     conn = self.connection(elect=elect, deadline=deadline if elect else end)
+                    self.call_peer = conn.peer_pid()
                     return conn.call(method, *args, timeout=self._bounded(timeout, end))
                 except (EOFError, OSError) as exc:
                     self.drop_connection()

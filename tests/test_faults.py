@@ -633,8 +633,11 @@ def test_publisher_sigkill_under_load_loses_only_what_it_held(
     try:
         _record(client, 2_000, "load")
         info = wait_until(client.channel.read_info, 10, "a publisher")
+        wait_until(lambda: info["pid"] in client._shipper.unflushed_peers, 10, "a push taken")
         os.kill(info["pid"], signal.SIGKILL)
         _record(client, 2_000, "after")
+        # What the killed one held may be lost: this flush is not done, and says so once.
+        assert client.flush(timeout=30) is False
         assert client.flush(timeout=30)
     finally:
         client.close()
@@ -670,6 +673,78 @@ def test_a_flush_whose_publisher_is_killed_while_it_waits_is_not_done(
         assert _seqs(server, "after") == list(range(10))
     finally:
         client.close()  # the runtime_dir fixture stops the publisher elected after the kill
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_flush_whose_events_went_with_a_killed_publisher_is_not_done_by_the_next_one(
+    server: IngestServer, fast_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = SamsaraClient(sourceId="s", **fast_config)
+    other = SamsaraClient(sourceId="o", **fast_config)
+    try:
+        _record(client, 1, "warm")
+        assert client.flush(timeout=10)  # keeps its flush connection to this publisher
+        pid = client.channel.read_info()["pid"]
+        server.inject(mode="hang", count=1, hang_seconds=5)
+        _record(client, 100, "lost")
+        shipper = client._shipper
+        wait_flushed = shipper.wait_flushed
+
+        def killed_first(deadline: float) -> bool | None:
+            # The window no real timing hits reliably: ship() has handed the 100 over
+            # (the publisher is in their hung POST), the flush request is not sent yet,
+            # and another process's client elects the next publisher meanwhile.
+            monkeypatch.setattr(shipper, "wait_flushed", wait_flushed)  # once
+            wait_until(lambda: not server.pending_faults(), 10, "the POST to hang")
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: _dead(pid), 10, "the publisher to die")
+            _record(other, 1, "other")
+            assert other.flush(timeout=10)
+            assert other.channel.read_info()["pid"] != pid
+            return wait_flushed(deadline)
+
+        monkeypatch.setattr(shipper, "wait_flushed", killed_first)
+        assert client.flush(timeout=10) is False  # the new publisher never held the 100
+        assert _seqs(server, "lost") == []
+        _record(client, 5, "after")
+        assert client.flush(timeout=10)  # its own events, held and answered by the new one
+    finally:
+        other.close()
+        client.close()
+
+
+def test_a_flush_after_the_thread_pushed_to_a_since_killed_publisher_is_not_done(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # The common case: the shipper's thread handed the events over before flush()
+    # was called; the publisher holding them is killed and another one elected.
+    client = SamsaraClient(sourceId="s", **fast_config)
+    other = SamsaraClient(sourceId="o", **fast_config)
+    try:
+        server.inject(mode="hang", count=1, hang_seconds=5)
+        _record(client, 100, "lost")
+        wait_until(lambda: not server.pending_faults(), 10, "the thread's push to be in a hung POST")
+        pid = client.channel.read_info()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: _dead(pid), 10, "the publisher to die")
+        _record(other, 1, "other")
+        assert other.flush(timeout=10)
+        assert other.channel.read_info()["pid"] != pid
+        assert client.flush(timeout=10) is False  # the new publisher never held the 100
+        assert _seqs(server, "lost") == []
+        _record(client, 5, "after")
+        assert client.flush(timeout=10)  # said once: its new events are held and answered
+        assert _seqs(server, "after") == list(range(5))
+    finally:
+        other.close()
+        client.close()
 
 
 def test_a_flush_after_its_kept_publisher_was_replaced_reaches_the_new_one(
