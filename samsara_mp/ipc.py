@@ -60,6 +60,11 @@ class IPCTimeout(IPCError, TimeoutError):
     """The publisher did not answer within the IPC timeout."""
 
 
+class Refused(IPCError):
+    """The publisher answered the request with an error: it did not carry it out
+    (a push it refuses, shutting down say, is not in its buffer)."""
+
+
 class TimedConnection(Connection):
     """A ``Connection`` whose every read and write gives up after ``timeout`` seconds."""
 
@@ -159,7 +164,7 @@ class TimedConnection(Connection):
         finally:
             self.timeout = saved
         if kind != "ok":
-            raise IPCError(errno.EPROTO, f"publisher refused {method}: {value}")
+            raise Refused(errno.EPROTO, f"publisher refused {method}: {value}")
         return value
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from .channel import Channel, Launch
 from .config import Config
 from .errors import ChannelError
-from .ipc import IPCError, IPCTimeout, TimedConnection
+from .ipc import IPCError, IPCTimeout, Refused, TimedConnection
 from .staging import Push, Staging
 
 __all__ = ["Shipper", "INLINE_BUDGET"]
@@ -62,6 +62,7 @@ class Shipper:
         self.conn: TimedConnection | None = None
         self.pending: Push | None = None
         self.awaiting = False  # pending was written inline; its answer is not read yet
+        self.was_sent = False  # whether an inline push awaiting its answer was sent before
         self.sent_at = 0.0
         self.next_connect = 0.0
         self.failures = 0
@@ -217,12 +218,15 @@ class Shipper:
             push = self._next_push(conn)
             if push is None:
                 return True
-            push.sent = True
+            was_sent, push.sent = push.sent, True
             try:
                 conn.call("push", push.payloads, self.client_id, push.seq, push.recorded, push.dropped,
                           push.filtered, push.sampled_out,
                           timeout=self._bounded(self.config.ipc_timeout_s, deadline))
             except (IPCError, EOFError, OSError) as exc:
+                if isinstance(exc, Refused):
+                    # Answered, not taken: only an earlier attempt's may be held.
+                    push.sent = was_sent
                 # The publisher may or may not have taken it: keep the push as
                 # it is, and resend it with the same seq, which the buffer
                 # ignores if it already has it.
@@ -259,7 +263,7 @@ class Shipper:
             push = self._next_push(conn)
             if push is None:
                 return
-            push.sent = True
+            self.was_sent, push.sent = push.sent, True
             conn.timeout = INLINE_BUDGET
             try:
                 conn.send(("push", (push.payloads, self.client_id, push.seq, push.recorded, push.dropped,
@@ -293,8 +297,10 @@ class Shipper:
         finally:
             conn.timeout = saved
         if kind != "ok":
+            if self.pending is not None:
+                self.pending.sent = self.was_sent  # answered, not taken
             self.drop_connection()
-            self.note_unreachable(IPCError(errno.EPROTO, f"publisher refused push: {value}"))
+            self.note_unreachable(Refused(errno.EPROTO, f"publisher refused push: {value}"))
             return False
         self.pending = None
         self.failures = 0

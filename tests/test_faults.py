@@ -483,6 +483,59 @@ sys.exit(proc.run())
 """
 
 
+_REFUSING_PUBLISHER = r"""
+import json, signal, sys
+from samsara_mp.channel import ChannelError
+from samsara_mp.config import Config
+from samsara_mp.publisher import PublisherProcess
+
+class Refusing(PublisherProcess):  # as one shutting down answers every push
+    def _handle(self, method, args):
+        if method == "push":
+            raise ChannelError("publisher is shutting down")
+        return super()._handle(method, args)
+
+proc = Refusing(Config.build(env={}, **json.loads(sys.argv[1])))
+signal.signal(signal.SIGTERM, proc.request_stop)
+sys.exit(proc.run())
+"""
+
+
+@pytest.mark.parametrize("shipper", ["thread", "inline"])
+def test_a_push_the_publisher_refused_is_counted_as_discarded_by_the_close_that_gives_up(
+    server: IngestServer, fast_config: dict[str, Any], shipper: str
+) -> None:
+    # The publisher answered "no": the push is not in its buffer, so a close() that
+    # cannot ship it discards it and says so, rather than showing it staged for ever.
+    proc = subprocess.Popen([sys.executable, "-c", _REFUSING_PUBLISHER, json.dumps(fast_config)])
+    try:
+        client = SamsaraClient(sourceId="s", start_publishing_thread=False, shipper=shipper,
+                               **fast_config)
+        try:
+            wait_until(lambda: client.stats()["channel"] is not None, 20, "the publisher to serve")
+            _record(client, 10)
+            recorded = 10
+            if shipper == "thread":
+                wait_until(lambda: client._shipper.failures > 0, 10, "a push refused")
+            else:
+
+                def written_and_answered() -> bool:
+                    nonlocal recorded
+                    client.record_event(eventName="test.event", seq=recorded)  # written inline
+                    recorded += 1
+                    conn = client._shipper.conn
+                    return bool(client._shipper.awaiting and conn is not None and conn.poll(0))
+
+                wait_until(written_and_answered, 10, "a push written inline and refused, unread")
+        finally:
+            assert client.close(timeout=1) is False
+        assert client.discarded == recorded
+        local = client.stats()["local"]
+        assert local["staged"] == 0 and local["discarded"] == recorded
+    finally:
+        stop(proc, grace=20)
+
+
 def test_an_inline_push_awaiting_its_answer_is_counted_once_by_stats_with_an_older_publisher(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:
