@@ -161,6 +161,7 @@ class Channel:
         self.authkey_path = self.dir / "authkey"
         self.lock_path = self.dir / "publisher.lock"
         self.info_path = self.dir / "publisher.json"
+        self.ended_dir = self.dir / "ended"  # a mark per publisher that ended cleanly
         if len(self.socket_path.encode()) > _MAX_SOCKET_PATH:
             raise ChannelError(
                 f"socket path {self.socket_path} is too long for a Unix socket; "
@@ -256,6 +257,29 @@ class Channel:
         tmp.write_text(json.dumps(info))
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.info_path)
+
+    def note_clean_exit(self, keep: int = 64) -> None:
+        """Mark this process as a publisher that ended cleanly: it delivered, spooled
+        or counted everything it held. A client's flush reads it to tell a restart
+        or an idle exit from a kill (a pid; the newest ``keep`` marks are kept)."""
+        try:
+            self.ended_dir.mkdir(mode=0o700, exist_ok=True)
+            (self.ended_dir / str(os.getpid())).touch()
+            marks = sorted(self.ended_dir.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+            for old in marks[:-keep]:
+                old.unlink(missing_ok=True)
+        except OSError as exc:
+            log.debug("samsara_mp: could not mark the clean exit in %s: %s", self.ended_dir, exc)
+
+    def forget_clean_exit(self) -> None:
+        """A publisher starting: an earlier one with this pid (reused) is not this one."""
+        try:
+            (self.ended_dir / str(os.getpid())).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def ended_cleanly(self, pid: int) -> bool:
+        return (self.ended_dir / str(pid)).exists()
 
     def read_info(self) -> dict[str, Any] | None:
         try:

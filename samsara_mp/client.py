@@ -287,48 +287,59 @@ class SamsaraClient:
         shipper = self._shipper
         if not self.ship(timeout):
             return False
-        # The publishers that took this process's events since the last confirmed
-        # flush (the thread's pushes as well as this ship's): the one that answers
-        # must be the only one, or what another held may have gone with it (killed).
-        holders = set(shipper.unflushed_peers)
-        left = deadline - time.monotonic()
-        if left <= 0:
+        if deadline - time.monotonic() <= 0:
             return False
+        done: bool | None = False
+        peer: int | None = None
+        covers = 0
         try:
             # On a connection of its own: the wait (a Retry-After may make it long)
             # must not hold the shipper's, or the thread, ship() and stats() would
             # wait behind it.
-            done = shipper.wait_flushed(deadline)
-            if done is None and all(map(_running, holders)):
-                # No publisher answered: the shipper's connection elects one.
+            done, peer, covers = shipper.wait_flushed(deadline)
+            if done is None:
+                # No publisher answered: the shipper's connection elects one, unless
+                # one that holds events of this process went (they may be lost).
+                lost = self._settle_flush(None, None, 0)
+                if lost:
+                    return self._lost(lost)
                 left = deadline - time.monotonic()
                 if left > 0:
-                    done = shipper.call("flush", left, timeout=left + self.config.ipc_timeout_s,
-                                        elect=True, deadline=deadline)
-                    shipper.flush_peer = shipper.call_peer
+                    covers = shipper.pushes_acked
+                    done, peer = shipper.call("flush", left, timeout=left + self.config.ipc_timeout_s,
+                                              elect=True, deadline=deadline, with_peer=True)
         except _IPC_ERRORS as exc:
             log.warning("samsara_mp: flush could not reach the publisher: %s", exc)
             done = False
-        return self._settle_flush(holders, done)
+        lost = self._settle_flush(done, peer, covers)
+        return self._lost(lost) if lost else bool(done)
 
-    def _settle_flush(self, holders: set[int], done: bool | None) -> bool:
-        """A flush is done only when the publisher that answered it is the one that
-        took every push since the last done flush. One that went before it answered
-        (killed: what it held is lost) is said once, and the next flush answers for
-        what follows."""
-        shipper = self._shipper
-        if done:
-            gone = {p for p in holders if p != shipper.flush_peer}
-        else:
-            gone = {p for p in holders if not _running(p)}
-        if gone:
-            shipper.unflushed_peers -= gone
-            log.warning("samsara_mp: the publisher (pid %s) that took events of this flush went "
-                        "before it answered; they may be lost", ", ".join(map(str, sorted(gone))))
-            return False
-        if done:
-            shipper.unflushed_peers -= holders  # all they took has left their buffer
-        return bool(done)
+    def _settle_flush(self, done: bool | None, peer: int | None, covers: int) -> list[int]:
+        """After a flush answered ``done`` by ``peer`` for the pushes numbered up to
+        ``covers``: forget the publishers it answers for, and those that have ended;
+        return those that ended without draining (killed: what they held is lost).
+
+        A flush is done only when the publisher that answers is the one that took
+        this process's pushes since the last done flush. One that ended cleanly
+        (it delivered, spooled or counted all it held) leaves a mark in the
+        channel's directory, so a restart or an idle exit raises no alarm."""
+        peers = self._shipper.unflushed_peers
+        lost = []
+        for pid, number in list(peers.items()):
+            if done and pid == peer:
+                if number <= covers:
+                    peers.pop(pid, None)  # all it took before the request has left its buffer
+            elif not _running(pid):
+                peers.pop(pid, None)
+                if not self.channel.ended_cleanly(pid):
+                    lost.append(pid)
+        return lost
+
+    def _lost(self, pids: list[int]) -> bool:
+        # Said once (this flush is not done): the next answers for what follows.
+        log.warning("samsara_mp: the publisher (pid %s) that took events of this flush ended "
+                    "without draining; they may be lost", ", ".join(map(str, sorted(pids))))
+        return False
 
     def stats(self) -> dict[str, Any]:
         """This process's counters, and the channel's from its publisher when reachable."""

@@ -104,6 +104,7 @@ class PublisherProcess:
 
     def _serve(self) -> int:
         key = self.channel.ensure_authkey()
+        self.channel.forget_clean_exit()
         try:
             os.unlink(self.channel.socket_path)  # a dead publisher's; we hold the lock
         except FileNotFoundError:
@@ -181,6 +182,8 @@ class PublisherProcess:
             self._metrics.server_close()
         # The last word on this publisher's accounting, for whoever reads its log.
         log.info("samsara_mp: final accounting %s", json.dumps(self._accounting()))
+        # Nothing it held is unaccounted for: a client's flush need not call it lost.
+        self.channel.note_clean_exit()
 
     def _accounting(self) -> dict[str, int]:
         snap = self.stats()

@@ -71,17 +71,18 @@ class Shipper:
         self.flush_lock = threading.Lock()
         self.flush_conn: TimedConnection | None = None
         self.retired = False  # close() ran: no connection is kept open from now on
-        # Which publishers (pids) took pushes no flush has confirmed yet, and which
-        # answered the last flush: a flush answered by another than one holding
-        # its events is not done (those may have gone with a killed publisher).
-        self.unflushed_peers: set[int] = set()
-        self.flush_peer: int | None = None
-        self.call_peer: int | None = None  # which publisher the last call() went to
+        # The publishers (pids) that took pushes no flush has answered for yet, each
+        # with the number of its last push: a flush answered by another than one
+        # holding events is not done (they may have gone with a killed publisher).
+        self.pushes_acked = 0
+        self.unflushed_peers: dict[int, int] = {}
 
     def took(self, conn: TimedConnection) -> None:
+        """A push was acknowledged on ``conn`` (under the lock)."""
+        self.pushes_acked += 1
         peer = conn.peer_pid()
         if peer is not None:
-            self.unflushed_peers.add(peer)
+            self.unflushed_peers[peer] = self.pushes_acked
 
     def reentered(self) -> bool:
         """True in a signal handler that interrupted this thread while it held the
@@ -391,26 +392,28 @@ class Shipper:
             except OSError:
                 pass
 
-    def wait_flushed(self, deadline: float) -> bool | None:
+    def wait_flushed(self, deadline: float) -> tuple[bool | None, int | None, int]:
         """The publisher's answer to a flush until ``deadline`` (the call bounded by it
         plus one ``ipc_timeout``), on the kept flush connection, or on one of its own
-        while another thread's flush holds that; None when no publisher answers."""
+        while another thread's flush holds that; None when no publisher answers.
+        With it, which publisher answered (its pid, when the system says) and the
+        number of the last push acknowledged before the request: what it answers for."""
         ipc = self.config.ipc_timeout_s
         if not self.flush_lock.acquire(blocking=False):
             # Another thread's flush holds the kept connection: one of our own.
             try:
                 conn = self.channel.connect(self._bounded(ipc, deadline))
             except IPCError:
-                return None
+                return None, None, 0
             try:
                 wait = max(deadline - time.monotonic(), 0.001)
-                self.flush_peer = conn.peer_pid()
-                return bool(conn.call("flush", wait, timeout=wait + ipc))
+                covers = self.pushes_acked
+                return bool(conn.call("flush", wait, timeout=wait + ipc)), conn.peer_pid(), covers
             finally:
                 conn.close()
         try:
             if deadline - time.monotonic() <= 0:
-                return False
+                return False, None, 0
             kept = self.flush_conn
             if kept is not None and _peer_gone(kept):
                 # The publisher it reached has gone since an earlier flush: not this
@@ -420,15 +423,15 @@ class Shipper:
                 try:
                     conn = self.channel.connect(self._bounded(ipc, deadline))
                 except IPCError:
-                    return None
+                    return None, None, 0
                 if self.retired:
                     conn.close()  # a close() came meanwhile: keep nothing open
-                    return None
+                    return None, None, 0
                 self.flush_conn = conn
             wait = max(deadline - time.monotonic(), 0.001)
-            self.flush_peer = self.flush_conn.peer_pid()
+            conn, covers = self.flush_conn, self.pushes_acked
             try:
-                return bool(self.flush_conn.call("flush", wait, timeout=wait + ipc))
+                return bool(conn.call("flush", wait, timeout=wait + ipc)), conn.peer_pid(), covers
             except (EOFError, OSError):
                 # The publisher went while it flushed (killed, say): what it held
                 # may be lost, so this flush is not done, whoever answers next.
@@ -441,7 +444,7 @@ class Shipper:
 
     def call(
         self, method: str, *args: Any, timeout: float, elect: bool = False, deadline: float | None = None,
-        held: bool = False,
+        held: bool = False, with_peer: bool = False,
     ) -> Any:
         """One request on this process's connection, retried once on a connection
         that died (the publisher was replaced since it was opened).
@@ -449,14 +452,15 @@ class Shipper:
         ``timeout`` bounds the whole call, the wait for the connection's lock
         included (the shipper thread may hold it through a push to a stuck
         publisher), so that ``stats()`` takes ``ipc_timeout`` at most.
-        ``held``: the caller holds the lock already (``stats()``)."""
+        ``held``: the caller holds the lock already (``stats()``). ``with_peer``:
+        the answer comes with the pid of the publisher that gave it."""
         end = time.monotonic() + timeout
         if self.retired:
             # After close(): one call on a connection of its own, closed at once.
             conn = self.channel.connect(self._bounded(self.config.ipc_timeout_s, end))
             try:
-                self.call_peer = conn.peer_pid()
-                return conn.call(method, *args, timeout=self._bounded(timeout, end))
+                value = conn.call(method, *args, timeout=self._bounded(timeout, end))
+                return (value, conn.peer_pid()) if with_peer else value
             finally:
                 conn.close()
         if held:
@@ -472,8 +476,8 @@ class Shipper:
                 fresh = self.conn is None
                 try:
                     conn = self.connection(elect=elect, deadline=deadline if elect else end)
-                    self.call_peer = conn.peer_pid()
-                    return conn.call(method, *args, timeout=self._bounded(timeout, end))
+                    value = conn.call(method, *args, timeout=self._bounded(timeout, end))
+                    return (value, conn.peer_pid()) if with_peer else value
                 except (EOFError, OSError) as exc:
                     self.drop_connection()
                     if fresh or attempt == 2 or isinstance(exc, TimeoutError):

@@ -7,6 +7,7 @@ the recorded ones minus the counted drops, with no duplicates.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -750,7 +751,7 @@ def test_a_flush_whose_events_went_with_a_killed_publisher_is_not_done_by_the_ne
         shipper = client._shipper
         wait_flushed = shipper.wait_flushed
 
-        def killed_first(deadline: float) -> bool | None:
+        def killed_first(deadline: float) -> tuple[bool | None, int | None, int]:
             # The window no real timing hits reliably: ship() has handed the 100 over
             # (the publisher is in their hung POST), the flush request is not sent yet,
             # and another process's client elects the next publisher meanwhile.
@@ -798,6 +799,66 @@ def test_a_flush_after_the_thread_pushed_to_a_since_killed_publisher_is_not_done
     finally:
         other.close()
         client.close()
+
+
+def test_events_pushed_while_a_flush_waits_are_not_forgotten_by_it(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # The flush answers for what the publisher held when it asked; events the
+    # thread pushes during its wait are the next flush's to answer for.
+    client = SamsaraClient(sourceId="s", **fast_config)
+    other = SamsaraClient(sourceId="o", **fast_config)
+    try:
+        _record(client, 1, "warm")
+        assert client.flush(timeout=10)
+        pid = client.channel.read_info()["pid"]
+        server.inject(mode="hang", count=2, hang_seconds=3)  # the POST of "a", then of "b"
+        _record(client, 10, "a")
+        wait_until(lambda: sum(n for _, n in server.pending_faults()) < 2, 10, "the POST of 'a' to hang")
+        acked = client._shipper.pushes_acked
+        result: dict[str, Any] = {}
+        flusher = threading.Thread(target=lambda: result.update(done=client.flush(timeout=20)))
+        flusher.start()
+        wait_until(lambda: client._shipper.flush_conn is not None, 10, "the flush to wait")
+        _record(client, 10, "b")
+        wait_until(lambda: client._shipper.pushes_acked > acked, 10, "the thread to push 'b'")
+        flusher.join(20)
+        assert result["done"] is True and sorted(_seqs(server, "a")) == list(range(10))
+        wait_until(lambda: not server.pending_faults(), 10, "the POST of 'b' to hang")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: _dead(pid), 10, "the publisher to die")
+        _record(other, 1, "other")
+        assert other.flush(timeout=10)
+        assert client.flush(timeout=10) is False  # "b" went with the killed publisher
+    finally:
+        other.close()
+        client.close()
+
+
+def test_a_flush_after_its_publisher_stopped_cleanly_and_another_was_elected_is_done(
+    server: IngestServer, fast_config: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A restart (the owner stops its publisher, a deploy, an idle exit): the
+    # publisher that held this process's events drained them; no alarm.
+    pub = Publisher(**fast_config).start()
+    try:
+        client = SamsaraClient(sourceId="s", **fast_config)
+        try:
+            wait_until(lambda: client.stats()["channel"] is not None, 20, "the publisher to serve")
+            _record(client, 10, "before")
+            assert client.ship(timeout=10)
+            pub.stop()
+            _record(client, 10, "after")
+            with caplog.at_level(logging.WARNING, logger="samsara_mp"):
+                assert client.flush(timeout=20)
+            assert "may be lost" not in caplog.text
+            assert client.channel.read_info()["pid"] != pub.pid
+            assert sorted(_seqs(server, "before")) == list(range(10))
+            assert sorted(_seqs(server, "after")) == list(range(10))
+        finally:
+            client.close()
+    finally:
+        pub.stop()
 
 
 def test_a_flush_after_its_kept_publisher_was_replaced_reaches_the_new_one(
