@@ -595,11 +595,14 @@ try:
             if not shipper.lock.acquire(blocking=False):
                 break
             shipper.lock.release()
+        # Whether the woken thread is still alive when close() returns is a race it
+        # may win either way: what must hold is that it never touches a file
+        # opened after close(), whichever.
         if mode == "push":
-            assert not client.close(timeout=0.3) and shipper.thread.is_alive()
             user = shipper.thread
+            assert not client.close(timeout=0.3)  # with its push in flight
         else:
-            assert client.close(timeout=0.3) and user.is_alive()
+            assert client.close(timeout=0.3)
         # The application opens files at once: the lowest free numbers.
         fds = [os.open(os.path.join(scratch, f"f{i}"), os.O_RDWR | os.O_CREAT, 0o600) for i in range(4)]
         for fd in fds:
