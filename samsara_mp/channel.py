@@ -21,6 +21,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import stat
 import sys
 import time
@@ -150,6 +151,9 @@ def _check_configured_base(path: Path) -> None:
                         "it must not be writable by group or others")
 
 
+_INSTANCE_RE = re.compile(r"[0-9a-f]{16}")
+
+
 class Channel:
     """Paths, authkey, election lock and connection of one channel."""
 
@@ -258,28 +262,23 @@ class Channel:
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.info_path)
 
-    def note_clean_exit(self, keep: int = 64) -> None:
-        """Mark this process as a publisher that ended cleanly: it delivered, spooled
-        or counted everything it held. A client's flush reads it to tell a restart
-        or an idle exit from a kill (a pid; the newest ``keep`` marks are kept)."""
+    def note_clean_exit(self, instance: str, keep: int = 1024) -> None:
+        """Mark the publisher start ``instance`` as ended cleanly: it delivered,
+        spooled or counted everything it held. A client's flush reads it to tell a
+        restart or an idle exit from a kill (the newest ``keep`` marks are kept)."""
         try:
             self.ended_dir.mkdir(mode=0o700, exist_ok=True)
-            (self.ended_dir / str(os.getpid())).touch()
-            marks = sorted(self.ended_dir.iterdir(), key=lambda p: p.stat().st_mtime_ns)
-            for old in marks[:-keep]:
-                old.unlink(missing_ok=True)
+            (self.ended_dir / instance).touch()
+            marks = list(self.ended_dir.iterdir())
+            if len(marks) > keep:
+                marks.sort(key=lambda p: p.stat().st_mtime_ns)
+                for old in marks[:-keep]:
+                    old.unlink(missing_ok=True)
         except OSError as exc:
             log.debug("samsara_mp: could not mark the clean exit in %s: %s", self.ended_dir, exc)
 
-    def forget_clean_exit(self) -> None:
-        """A publisher starting: an earlier one with this pid (reused) is not this one."""
-        try:
-            (self.ended_dir / str(os.getpid())).unlink(missing_ok=True)
-        except OSError:
-            pass
-
-    def ended_cleanly(self, pid: int) -> bool:
-        return (self.ended_dir / str(pid)).exists()
+    def ended_cleanly(self, instance: str) -> bool:
+        return bool(_INSTANCE_RE.fullmatch(instance)) and (self.ended_dir / instance).exists()
 
     def read_info(self) -> dict[str, Any] | None:
         try:

@@ -31,7 +31,7 @@ from .channel import Channel
 from .config import ENV_PREFIX, Config, export_to_env
 from .errors import ChannelError, InvalidEvent, PublishError
 from .event import EventEncoder
-from .ipc import IPCError
+from .ipc import IPCError, process_running
 from .process import close_all, reset_after_fork, ship_all  # re-exported
 from .shipper import Shipper
 from .staging import Staging
@@ -290,7 +290,7 @@ class SamsaraClient:
         if deadline - time.monotonic() <= 0:
             return False
         done: bool | None = False
-        peer: int | None = None
+        peer: str | None = None
         covers = 0
         try:
             # On a connection of its own: the wait (a Retry-After may make it long)
@@ -309,15 +309,20 @@ class SamsaraClient:
                     done, peer = shipper.call("flush", left, timeout=left + self.config.ipc_timeout_s,
                                               elect=True, deadline=deadline, with_peer=True)
         except _IPC_ERRORS as exc:
-            log.warning("samsara_mp: flush could not reach the publisher: %s", exc)
+            log.warning("samsara_mp: flush could not reach the publisher: %s", str(exc) or type(exc).__name__)
             done = False
         lost = self._settle_flush(done, peer, covers)
-        return self._lost(lost) if lost else bool(done)
+        if lost:
+            return self._lost(lost)
+        if done and any(h.number <= covers for h in shipper.unflushed_peers.values()):
+            return False  # another that took events of it still runs: not answered for
+        return bool(done)
 
-    def _settle_flush(self, done: bool | None, peer: int | None, covers: int) -> list[int]:
-        """After a flush answered ``done`` by ``peer`` for the pushes numbered up to
-        ``covers``: forget the publishers it answers for, and those that have ended;
-        return those that ended without draining (killed: what they held is lost).
+    def _settle_flush(self, done: bool | None, peer: str | None, covers: int) -> list[str]:
+        """After a flush answered ``done`` by publisher ``peer`` (its instance id) for
+        the pushes numbered up to ``covers``: forget the publishers it answers for,
+        and those that have ended; return those that ended without draining
+        (killed: what they held is lost), as "pid N" or their instance id.
 
         A flush is done only when the publisher that answers is the one that took
         this process's pushes since the last done flush. One that ended cleanly
@@ -325,20 +330,26 @@ class SamsaraClient:
         channel's directory, so a restart or an idle exit raises no alarm."""
         peers = self._shipper.unflushed_peers
         lost = []
-        for pid, number in list(peers.items()):
-            if done and pid == peer:
-                if number <= covers:
-                    peers.pop(pid, None)  # all it took before the request has left its buffer
-            elif not _running(pid):
-                peers.pop(pid, None)
-                if not self.channel.ended_cleanly(pid):
-                    lost.append(pid)
+        for instance, holder in list(peers.items()):
+            if done and instance == peer:
+                if holder.number > covers:
+                    continue  # pushed while it waited: the next flush's to answer for
+            elif self.channel.ended_cleanly(instance):
+                pass
+            elif holder.process is None:
+                pass  # the system names no process (another pid namespace): cannot tell
+            elif process_running(*holder.process):
+                continue
+            else:
+                lost.append(f"pid {holder.process[0]}")
+            if peers.get(instance) == holder:  # not replaced by a newer push meanwhile
+                del peers[instance]
         return lost
 
-    def _lost(self, pids: list[int]) -> bool:
+    def _lost(self, which: list[str]) -> bool:
         # Said once (this flush is not done): the next answers for what follows.
-        log.warning("samsara_mp: the publisher (pid %s) that took events of this flush ended "
-                    "without draining; they may be lost", ", ".join(map(str, sorted(pids))))
+        log.warning("samsara_mp: the publisher (%s) that took events of this flush ended "
+                    "without draining; they may be lost", ", ".join(sorted(which)))
         return False
 
     def stats(self) -> dict[str, Any]:
@@ -523,19 +534,3 @@ def get_client(**config: Any) -> SamsaraClient:
             client = _default_client = SamsaraClient(**config)
             export_to_env({k: v for k, v in config.items() if v is not None})
         return client
-
-
-def _running(pid: int) -> bool:
-    """The process ``pid`` exists and has not ended (a zombie has)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc here: it exists
-

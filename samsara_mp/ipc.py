@@ -65,6 +65,34 @@ class Refused(IPCError):
     (a push it refuses, shutting down say, is not in its buffer)."""
 
 
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot), None when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_running(pid: int, start: int | None) -> bool:
+    """Process ``pid`` (started at ``start``, when known) exists and has not ended."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return True  # no /proc here: it exists
+    try:
+        return fields[0] != b"Z" and (start is None or int(fields[19]) == start)
+    except (IndexError, ValueError):
+        return True
+
+
 class TimedConnection(Connection):
     """A ``Connection`` whose every read and write gives up after ``timeout`` seconds."""
 
@@ -75,12 +103,17 @@ class TimedConnection(Connection):
         os.set_blocking(handle, False)
         super().__init__(handle)
         self.timeout = timeout
-        self._peer: int | None = -1  # not read yet
+        self._peer: tuple[int, int | None] | None | bool = False  # not read yet
+        # Which publisher start this is (its random instance id, from its answers);
+        # None: not known yet; "": an older publisher, which sends none.
+        self.instance: str | None = None
 
-    def peer_pid(self) -> int | None:
-        """The pid of the process that listens at the other end (Linux's SO_PEERCRED,
-        read once): which publisher this is. None where the system does not say."""
-        if self._peer == -1:
+    def peer(self) -> tuple[int, int | None] | None:
+        """The process that listens at the other end, as (pid, start time in clock
+        ticks), read once: Linux's SO_PEERCRED, and /proc for the start time, so a
+        reused pid is not taken for it. None where the system names no peer (the
+        publisher is in a pid namespace this process cannot see)."""
+        if self._peer is False:
             self._peer = None
             try:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(self.fileno()))
@@ -88,10 +121,12 @@ class TimedConnection(Connection):
                     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 finally:
                     sock.close()
-                self._peer = struct.unpack("3i", creds)[0] or None
+                pid = struct.unpack("3i", creds)[0]
+                if pid:
+                    self._peer = (pid, process_start(pid))
             except (OSError, AttributeError, ValueError, struct.error):
                 pass
-        return self._peer
+        return self._peer if isinstance(self._peer, tuple) else None
 
     # During a handshake: one deadline for all its reads and writes (else a peer
     # that answers each piece just in time holds us several timeouts).

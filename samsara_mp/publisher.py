@@ -56,6 +56,10 @@ class PublisherProcess:
         self._stop = threading.Event()
         self.supervisor = Supervisor(self._stop, config.backoff_base / 1000.0, config.backoff_cap / 1000.0)
         self._accepting = True
+        self._spooled_at_exit = False  # what flushes wait for went to the spool, not the API
+        # This start's identity, in every push's answer: a client's flush tells by it
+        # which publisher holds its events (a pid can be reused, or be 1 in a container).
+        self.instance = os.urandom(8).hex()
         self._started = time.time()
         self._server: Server | None = None
         self._metrics: Any = None  # the /metrics HTTP server, when metrics_port is set
@@ -104,7 +108,6 @@ class PublisherProcess:
 
     def _serve(self) -> int:
         key = self.channel.ensure_authkey()
-        self.channel.forget_clean_exit()
         try:
             os.unlink(self.channel.socket_path)  # a dead publisher's; we hold the lock
         except FileNotFoundError:
@@ -158,6 +161,7 @@ class PublisherProcess:
         self._accepting = False
         drained = self.loop.drain(self.config.shutdown_timeout_s)
         if not drained:
+            self._spooled_at_exit = True  # set first: a flush it wakes must see it
             left = self.buffer.drain_all()
             if left:
                 try:
@@ -183,7 +187,9 @@ class PublisherProcess:
         # The last word on this publisher's accounting, for whoever reads its log.
         log.info("samsara_mp: final accounting %s", json.dumps(self._accounting()))
         # Nothing it held is unaccounted for: a client's flush need not call it lost.
-        self.channel.note_clean_exit()
+        # (A push taken after the drain's last look would still be in memory.)
+        if not len(self.buffer):
+            self.channel.note_clean_exit(self.instance)
 
     def _accounting(self) -> dict[str, int]:
         snap = self.stats()
@@ -216,13 +222,16 @@ class PublisherProcess:
         if method == "push":
             if not self._accepting:
                 raise ChannelError("publisher is shutting down")
-            return self.buffer.push(*args)
+            return self.buffer.push(*args), self.instance
         if method == "stats":
             return self.stats(*args[:1])
         if method == "flush":
             (timeout,) = args
             target = self.loop.request_flush()
-            return self.loop.wait_flushed(target, float(timeout))
+            done = self.loop.wait_flushed(target, float(timeout))
+            return done and not self._spooled_at_exit
+        if method == "instance":
+            return self.instance
         if method == "ping":
             return os.getpid()
         if method == "bye":

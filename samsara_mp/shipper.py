@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from .channel import Channel, Launch
 from .config import Config
@@ -28,7 +28,14 @@ from .errors import ChannelError
 from .ipc import IPCError, IPCTimeout, Refused, TimedConnection
 from .staging import Push, Staging
 
-__all__ = ["Shipper", "INLINE_BUDGET"]
+__all__ = ["Shipper", "Holder", "INLINE_BUDGET"]
+
+
+class Holder(NamedTuple):
+    """A publisher that took pushes no flush has answered for yet."""
+
+    number: int  # of the last push it took
+    process: tuple[int, int | None] | None  # (pid, start time), when the system names it
 
 log = logging.getLogger("samsara_mp")
 
@@ -71,18 +78,34 @@ class Shipper:
         self.flush_lock = threading.Lock()
         self.flush_conn: TimedConnection | None = None
         self.retired = False  # close() ran: no connection is kept open from now on
-        # The publishers (pids) that took pushes no flush has answered for yet, each
-        # with the number of its last push: a flush answered by another than one
+        # The publishers (by instance id) that took pushes no flush has answered for
+        # yet: the number of the last push each took, and its process (pid, start
+        # time) when the system names it. A flush answered by another than one
         # holding events is not done (they may have gone with a killed publisher).
         self.pushes_acked = 0
-        self.unflushed_peers: dict[int, int] = {}
+        self.unflushed_peers: dict[str, Holder] = {}
 
-    def took(self, conn: TimedConnection) -> None:
-        """A push was acknowledged on ``conn`` (under the lock)."""
+    def took(self, conn: TimedConnection, answer: Any) -> None:
+        """A push was acknowledged on ``conn`` (under the lock) with ``answer``:
+        (events dropped, the publisher's instance id); an older publisher sends
+        the number alone, and is not tracked."""
         self.pushes_acked += 1
-        peer = conn.peer_pid()
-        if peer is not None:
-            self.unflushed_peers[peer] = self.pushes_acked
+        if conn.instance is None:
+            known = isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[1], str)
+            conn.instance = answer[1] if known else ""
+        if conn.instance:
+            self.unflushed_peers[conn.instance] = Holder(self.pushes_acked, conn.peer())
+
+    def identity(self, conn: TimedConnection, timeout: float) -> str:
+        """The instance id of the publisher at ``conn`` ("" for an older one), asked
+        once per connection when no push has told it."""
+        if conn.instance is None:
+            try:
+                answer = conn.call("instance", timeout=timeout)
+            except Refused:
+                answer = ""  # an older publisher: no such request
+            conn.instance = answer if isinstance(answer, str) else ""
+        return conn.instance
 
     def reentered(self) -> bool:
         """True in a signal handler that interrupted this thread while it held the
@@ -221,9 +244,9 @@ class Shipper:
                 return True
             was_sent, push.sent = push.sent, True
             try:
-                conn.call("push", push.payloads, self.client_id, push.seq, push.recorded, push.dropped,
-                          push.filtered, push.sampled_out,
-                          timeout=self._bounded(self.config.ipc_timeout_s, deadline))
+                answer = conn.call("push", push.payloads, self.client_id, push.seq, push.recorded,
+                                   push.dropped, push.filtered, push.sampled_out,
+                                   timeout=self._bounded(self.config.ipc_timeout_s, deadline))
             except (IPCError, EOFError, OSError) as exc:
                 if isinstance(exc, Refused):
                     # Answered, not taken: only an earlier attempt's may be held.
@@ -236,7 +259,7 @@ class Shipper:
                 return False
             self.pending = None
             self.failures = 0
-            self.took(conn)
+            self.took(conn, answer)
             return True
         finally:
             self.lock.release()
@@ -305,7 +328,7 @@ class Shipper:
             return False
         self.pending = None
         self.failures = 0
-        self.took(conn)
+        self.took(conn, value)
         return True
 
     def _next_push(self, conn: TimedConnection) -> Push | None:
@@ -392,12 +415,12 @@ class Shipper:
             except OSError:
                 pass
 
-    def wait_flushed(self, deadline: float) -> tuple[bool | None, int | None, int]:
+    def wait_flushed(self, deadline: float) -> tuple[bool | None, str | None, int]:
         """The publisher's answer to a flush until ``deadline`` (the call bounded by it
         plus one ``ipc_timeout``), on the kept flush connection, or on one of its own
         while another thread's flush holds that; None when no publisher answers.
-        With it, which publisher answered (its pid, when the system says) and the
-        number of the last push acknowledged before the request: what it answers for."""
+        With it, which publisher answered (its instance id) and the number of the
+        last push acknowledged before the request: what it answers for."""
         ipc = self.config.ipc_timeout_s
         if not self.flush_lock.acquire(blocking=False):
             # Another thread's flush holds the kept connection: one of our own.
@@ -406,9 +429,10 @@ class Shipper:
             except IPCError:
                 return None, None, 0
             try:
+                who = self.identity(conn, self._bounded(ipc, deadline))
                 wait = max(deadline - time.monotonic(), 0.001)
                 covers = self.pushes_acked
-                return bool(conn.call("flush", wait, timeout=wait + ipc)), conn.peer_pid(), covers
+                return bool(conn.call("flush", wait, timeout=wait + ipc)), who, covers
             finally:
                 conn.close()
         try:
@@ -428,10 +452,12 @@ class Shipper:
                     conn.close()  # a close() came meanwhile: keep nothing open
                     return None, None, 0
                 self.flush_conn = conn
-            wait = max(deadline - time.monotonic(), 0.001)
-            conn, covers = self.flush_conn, self.pushes_acked
+            conn = self.flush_conn
             try:
-                return bool(conn.call("flush", wait, timeout=wait + ipc)), conn.peer_pid(), covers
+                who = self.identity(conn, self._bounded(ipc, deadline))
+                wait = max(deadline - time.monotonic(), 0.001)
+                covers = self.pushes_acked
+                return bool(conn.call("flush", wait, timeout=wait + ipc)), who, covers
             except (EOFError, OSError):
                 # The publisher went while it flushed (killed, say): what it held
                 # may be lost, so this flush is not done, whoever answers next.
@@ -453,14 +479,15 @@ class Shipper:
         included (the shipper thread may hold it through a push to a stuck
         publisher), so that ``stats()`` takes ``ipc_timeout`` at most.
         ``held``: the caller holds the lock already (``stats()``). ``with_peer``:
-        the answer comes with the pid of the publisher that gave it."""
+        the answer comes with the instance id of the publisher that gave it."""
         end = time.monotonic() + timeout
         if self.retired:
             # After close(): one call on a connection of its own, closed at once.
             conn = self.channel.connect(self._bounded(self.config.ipc_timeout_s, end))
             try:
+                who = self.identity(conn, self._bounded(timeout, end)) if with_peer else ""
                 value = conn.call(method, *args, timeout=self._bounded(timeout, end))
-                return (value, conn.peer_pid()) if with_peer else value
+                return (value, who) if with_peer else value
             finally:
                 conn.close()
         if held:
@@ -476,8 +503,9 @@ class Shipper:
                 fresh = self.conn is None
                 try:
                     conn = self.connection(elect=elect, deadline=deadline if elect else end)
+                    who = self.identity(conn, self._bounded(timeout, end)) if with_peer else ""
                     value = conn.call(method, *args, timeout=self._bounded(timeout, end))
-                    return (value, conn.peer_pid()) if with_peer else value
+                    return (value, who) if with_peer else value
                 except (EOFError, OSError) as exc:
                     self.drop_connection()
                     if fresh or attempt == 2 or isinstance(exc, TimeoutError):

@@ -690,7 +690,7 @@ def test_publisher_sigkill_under_load_loses_only_what_it_held(
     try:
         _record(client, 2_000, "load")
         info = wait_until(client.channel.read_info, 10, "a publisher")
-        wait_until(lambda: info["pid"] in client._shipper.unflushed_peers, 10, "a push taken")
+        wait_until(lambda: client._shipper.unflushed_peers, 10, "a push taken")
         os.kill(info["pid"], signal.SIGKILL)
         _record(client, 2_000, "after")
         # What the killed one held may be lost: this flush is not done, and says so once.
@@ -754,7 +754,7 @@ def test_a_flush_whose_events_went_with_a_killed_publisher_is_not_done_by_the_ne
         shipper = client._shipper
         wait_flushed = shipper.wait_flushed
 
-        def killed_first(deadline: float) -> tuple[bool | None, int | None, int]:
+        def killed_first(deadline: float) -> tuple[bool | None, str | None, int]:
             # The window no real timing hits reliably: ship() has handed the 100 over
             # (the publisher is in their hung POST), the flush request is not sent yet,
             # and another process's client elects the next publisher meanwhile.
@@ -862,6 +862,101 @@ def test_a_flush_after_its_publisher_stopped_cleanly_and_another_was_elected_is_
             client.close()
     finally:
         pub.stop()
+
+
+_PLAIN_PUBLISHER = r"""
+import json, signal, sys
+from samsara_mp.config import Config
+from samsara_mp.publisher import PublisherProcess
+proc = PublisherProcess(Config.build(env={}, **json.loads(sys.argv[1])))
+signal.signal(signal.SIGTERM, proc.request_stop)
+sys.exit(proc.run())
+"""
+
+
+def _in_pid_namespace(config: dict[str, Any]) -> subprocess.Popen[bytes]:
+    # As in a container: the publisher is pid 1 of its own namespace, and every
+    # start of it is pid 1 again; this process sees its real pid.
+    return subprocess.Popen(["unshare", "--pid", "--kill-child", sys.executable, "-c",
+                             _PLAIN_PUBLISHER, json.dumps(config)])
+
+
+def test_a_flush_across_a_clean_restart_of_a_publisher_in_its_own_pid_namespace_is_done(
+    server: IngestServer, fast_config: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    if subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode:
+        pytest.skip("unshare --pid needs root (CAP_SYS_ADMIN) here")
+    client = SamsaraClient(sourceId="s", start_publishing_thread=False, **fast_config)
+    procs = [_in_pid_namespace(fast_config)]
+    try:
+        wait_until(lambda: client.stats()["channel"] is not None, 20, "the first publisher to serve")
+        _record(client, 10, "first")
+        assert client.ship(timeout=10)
+        with open(f"/proc/{procs[0].pid}/task/{procs[0].pid}/children") as f:
+            pid = int(f.read().split()[0])  # the publisher, as this process sees it
+        assert client.channel.read_info()["pid"] == 1 != pid
+        os.kill(pid, signal.SIGTERM)  # a clean stop: it drains, then marks its exit
+        procs[0].wait(20)
+        procs.append(_in_pid_namespace(fast_config))
+        _record(client, 10, "second")
+        with caplog.at_level(logging.WARNING, logger="samsara_mp"):
+            assert wait_until(lambda: client.flush(timeout=5), 20, "a flush on the second publisher")
+        assert "may be lost" not in caplog.text
+        assert sorted(_seqs(server, "first")) == list(range(10))
+        assert sorted(_seqs(server, "second")) == list(range(10))
+    finally:
+        client.close()
+        for proc in procs:
+            stop(proc, grace=20)
+
+
+_BROKEN_LOOP_PUBLISHER = r"""
+import json, signal, sys
+import samsara_mp.transport
+from samsara_mp.config import Config
+from samsara_mp.publisher import PublisherProcess
+
+def post(self, *args, **kwargs):  # a bug in the publish loop: it fails ten times, then exits 1
+    raise RuntimeError("injected loop bug")
+
+samsara_mp.transport.Transport.post = post
+proc = PublisherProcess(Config.build(env={}, **json.loads(sys.argv[1])))
+signal.signal(signal.SIGTERM, proc.request_stop)
+sys.exit(proc.run())
+"""
+
+
+def test_a_flush_answered_while_its_publisher_spools_on_the_way_out_is_not_done(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # A publisher whose loop cannot go on spools what it holds and exits 1: what
+    # the flush waits for went to the spool, not to the API, though the buffer
+    # emptied. Not done.
+    proc = subprocess.Popen([sys.executable, "-c", _BROKEN_LOOP_PUBLISHER, json.dumps(fast_config)])
+    try:
+        client = SamsaraClient(sourceId="s", start_publishing_thread=False, **fast_config)
+        try:
+            wait_until(lambda: client.stats()["channel"] is not None, 20, "the publisher to serve")
+            _record(client, 50, "spooled")
+            assert client.flush(timeout=20) is False
+            assert proc.wait(20) == 1
+            assert _seqs(server, "spooled") == []
+        finally:
+            client.close()
+    finally:
+        stop(proc, grace=20)
+
+
+def test_a_pid_reused_by_another_process_is_not_the_publisher_it_was() -> None:
+    from samsara_mp.ipc import process_running, process_start
+
+    me = os.getpid()
+    start = process_start(me)
+    assert start is not None and process_running(me, start) and process_running(me, None)
+    assert not process_running(me, start + 1)  # same pid, another start: another process
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(10)
+    assert not process_running(child.pid, None)
 
 
 def test_a_flush_after_its_kept_publisher_was_replaced_reaches_the_new_one(
