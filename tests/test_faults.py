@@ -740,6 +740,15 @@ def _dead(pid: int) -> bool:
         return True
 
 
+def _kill_then_elect(pid: int, other: SamsaraClient) -> None:
+    """SIGKILL the publisher ``pid``, and have ``other``'s client elect the next one."""
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: _dead(pid), 10, "the publisher to die")
+    _record(other, 1, "other")
+    assert other.flush(timeout=10)
+    assert other.channel.read_info()["pid"] != pid
+
+
 def test_a_flush_whose_events_went_with_a_killed_publisher_is_not_done_by_the_next_one(
     server: IngestServer, fast_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -760,11 +769,7 @@ def test_a_flush_whose_events_went_with_a_killed_publisher_is_not_done_by_the_ne
             # and another process's client elects the next publisher meanwhile.
             monkeypatch.setattr(shipper, "wait_flushed", wait_flushed)  # once
             wait_until(lambda: not server.pending_faults(), 10, "the POST to hang")
-            os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: _dead(pid), 10, "the publisher to die")
-            _record(other, 1, "other")
-            assert other.flush(timeout=10)
-            assert other.channel.read_info()["pid"] != pid
+            _kill_then_elect(pid, other)
             return wait_flushed(deadline)
 
         monkeypatch.setattr(shipper, "wait_flushed", killed_first)
@@ -789,11 +794,7 @@ def test_a_flush_after_the_thread_pushed_to_a_since_killed_publisher_is_not_done
         _record(client, 100, "lost")
         wait_until(lambda: not server.pending_faults(), 10, "the thread's push to be in a hung POST")
         pid = client.channel.read_info()["pid"]
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: _dead(pid), 10, "the publisher to die")
-        _record(other, 1, "other")
-        assert other.flush(timeout=10)
-        assert other.channel.read_info()["pid"] != pid
+        _kill_then_elect(pid, other)
         assert client.flush(timeout=10) is False  # the new publisher never held the 100
         assert _seqs(server, "lost") == []
         _record(client, 5, "after")
@@ -828,10 +829,7 @@ def test_events_pushed_while_a_flush_waits_are_not_forgotten_by_it(
         flusher.join(20)
         assert result["done"] is True and sorted(_seqs(server, "a")) == list(range(10))
         wait_until(lambda: not server.pending_faults(), 10, "the POST of 'b' to hang")
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: _dead(pid), 10, "the publisher to die")
-        _record(other, 1, "other")
-        assert other.flush(timeout=10)
+        _kill_then_elect(pid, other)
         assert client.flush(timeout=10) is False  # "b" went with the killed publisher
     finally:
         other.close()
