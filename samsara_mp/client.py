@@ -300,7 +300,8 @@ class SamsaraClient:
             if done is None:
                 # No publisher answered: the shipper's connection elects one, unless
                 # one that holds events of this process went (they may be lost).
-                lost = self._settle_flush(None, None, 0)
+                with shipper.peers_lock:
+                    lost = self._settle_flush(None, None, 0)
                 if lost:
                     return self._lost(lost)
                 left = deadline - time.monotonic()
@@ -311,12 +312,13 @@ class SamsaraClient:
         except _IPC_ERRORS as exc:
             log.warning("samsara_mp: flush could not reach the publisher: %s", str(exc) or type(exc).__name__)
             done = False
-        lost = self._settle_flush(done, peer, covers)
+        with shipper.peers_lock:
+            lost = self._settle_flush(done, peer, covers)
+            # Another that took events of it still runs: not answered for.
+            unanswered = done and any(h.number <= covers for h in shipper.unflushed_peers.values())
         if lost:
             return self._lost(lost)
-        if done and any(h.number <= covers for h in shipper.unflushed_peers.values()):
-            return False  # another that took events of it still runs: not answered for
-        return bool(done)
+        return bool(done) and not unanswered
 
     def _settle_flush(self, done: bool | None, peer: str | None, covers: int) -> list[str]:
         """After a flush answered ``done`` by publisher ``peer`` (its instance id) for
@@ -327,7 +329,8 @@ class SamsaraClient:
         A flush is done only when the publisher that answers is the one that took
         this process's pushes since the last done flush. One that ended cleanly
         (it delivered, spooled or counted all it held) leaves a mark in the
-        channel's directory, so a restart or an idle exit raises no alarm."""
+        channel's directory, so a restart or an idle exit raises no alarm.
+        Called holding ``peers_lock``."""
         peers = self._shipper.unflushed_peers
         lost = []
         for instance, holder in list(peers.items()):

@@ -116,7 +116,12 @@ class TimedConnection(Connection):
         if self._peer is False:
             self._peer = None
             try:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(self.fileno()))
+                fd = os.dup(self.fileno())
+                try:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+                except OSError:
+                    os.close(fd)
+                    raise
                 try:
                     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 finally:

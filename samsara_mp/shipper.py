@@ -84,6 +84,9 @@ class Shipper:
         # holding events is not done (they may have gone with a killed publisher).
         self.pushes_acked = 0
         self.unflushed_peers: dict[str, Holder] = {}
+        # The thread's took() against flushes settling; an RLock, as a signal handler
+        # may flush while the code it interrupted settles one.
+        self.peers_lock = threading.RLock()
 
     def took(self, conn: TimedConnection, answer: Any) -> None:
         """A push was acknowledged on ``conn`` (under the lock) with ``answer``:
@@ -94,7 +97,8 @@ class Shipper:
             known = isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[1], str)
             conn.instance = answer[1] if known else ""
         if conn.instance:
-            self.unflushed_peers[conn.instance] = Holder(self.pushes_acked, conn.peer())
+            with self.peers_lock:
+                self.unflushed_peers[conn.instance] = Holder(self.pushes_acked, conn.peer())
 
     def identity(self, conn: TimedConnection, timeout: float) -> str:
         """The instance id of the publisher at ``conn`` ("" for an older one), asked
