@@ -324,7 +324,7 @@ class SamsaraClient:
         """After a flush answered ``done`` by publisher ``peer`` (its instance id) for
         the pushes numbered up to ``covers``: forget the publishers it answers for,
         and those that have ended; return those that ended without draining
-        (killed: what they held is lost), as "pid N" or their instance id.
+        (killed: what they held is lost), each as "pid N".
 
         A flush is done only when the publisher that answers is the one that took
         this process's pushes since the last done flush. One that ended cleanly

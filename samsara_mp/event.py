@@ -59,7 +59,7 @@ def _check_keys(value: Any) -> None:
     """Refuse a nested mapping whose keys collide once JSON makes them strings
     (``{1: "a", "1": "b"}``): the API would see a duplicate property name."""
     if isinstance(value, dict):
-        for k in value:  # a loop, not all(<generator>): 0.4 us less on a small dict
+        for k in value:  # a loop: all(<generator>) made a generator per dict
             if type(k) is not str:
                 _refuse_duplicate_keys(value)
                 break
@@ -86,7 +86,7 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 def _stdlib_encode(event: dict[str, Any]) -> bytes:
     # One C-level pass over the values' exact types skips the walk for an event of
-    # plain values (0.4 us of 2.5 on a flat event of seven fields).
+    # plain values (0.23-0.29 us of 2.2 on the benchmarks' flat event).
     if not _PLAIN.issuperset(map(type, event.values())):
         for value in event.values():
             if isinstance(value, _CONTAINERS):
