@@ -24,6 +24,7 @@ from procs import stop
 
 from samsara_mp import Publisher, SamsaraClient
 from samsara_mp.ingest import IngestServer
+from samsara_mp.ipc import process_running, process_start
 
 
 def _balanced(s: dict[str, Any]) -> bool:
@@ -732,18 +733,10 @@ def test_a_flush_whose_publisher_is_killed_while_it_waits_is_not_done(
         client.close()  # the runtime_dir fixture stops the publisher elected after the kill
 
 
-def _dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def _kill_then_elect(pid: int, other: SamsaraClient) -> None:
     """SIGKILL the publisher ``pid``, and have ``other``'s client elect the next one."""
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: _dead(pid), 10, "the publisher to die")
+    wait_until(lambda: not process_running(pid, None), 10, "the publisher to die")
     _record(other, 1, "other")
     assert other.flush(timeout=10)
     assert other.channel.read_info()["pid"] != pid
@@ -946,8 +939,6 @@ def test_a_flush_answered_while_its_publisher_spools_on_the_way_out_is_not_done(
 
 
 def test_a_pid_reused_by_another_process_is_not_the_publisher_it_was() -> None:
-    from samsara_mp.ipc import process_running, process_start
-
     me = os.getpid()
     start = process_start(me)
     assert start is not None and process_running(me, start) and process_running(me, None)
