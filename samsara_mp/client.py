@@ -1,18 +1,11 @@
-"""The worker side: ``SamsaraClient``, and the process's shared client.
+"""The worker side's facade: ``SamsaraClient``, and the process's shared client.
 
-``record_event`` validates and encodes the event in the caller, appends the
-bytes to this process's bounded staging (``staging.py``) and returns; the
-shipper (``shipper.py``) pushes staged events to the channel's publisher in
-batches. A client that may start a publisher launches one when it is made,
-if none runs on its channel, without waiting for it and without starting a
-thread; the shipper thread starts at the first staged event. Nothing here
-waits on the publisher from ``record_event``, and every IPC wait is bounded
-by ``ipc_timeout``.
-
-Between validation and staging sit the optional steps a configuration (or an
-active ``testing.capture_events()``) turns on: ``disabled``, sampling by
-``sourceId``, ``before_send``, capture. With none of them on, ``record_event``
-pays one attribute check for them.
+``record_event`` validates and encodes the event in the caller and appends
+the bytes to this process's staging (``_staging.py``); the shipper
+(``_shipper.py``) moves them into the publisher's ring as fast as it has room,
+over the process's link (``_link.py``); ``flush`` is ``_flush.py``. Nothing
+here waits on the publisher from ``record_event``, and every wait on it is
+bounded (docs/design.md, "Workers").
 """
 
 from __future__ import annotations
@@ -27,14 +20,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import process
+from ._flush import Flush
+from ._link import Link
+from ._shipper import Shipper
+from ._staging import Staging
 from .channel import Channel
 from .config import ENV_PREFIX, Config, export_to_env
 from .errors import ChannelError, InvalidEvent, PublishError
 from .event import EventEncoder
-from .ipc import IPCError, process_running
+from .ipc import IPCError
 from .process import close_all, reset_after_fork, ship_all  # re-exported
-from .shipper import Shipper
-from .staging import Staging
 
 __all__ = ["SamsaraClient", "get_client", "ship_all", "close_all", "reset_after_fork"]
 
@@ -75,8 +70,12 @@ class SamsaraClient:
         self.discarded = 0  # staged events given up by close() (no publisher in time)
         self.pid = os.getpid()
         self._staging = Staging(self.config.staging_size, self.config.staging_bytes)
-        self._shipper = Shipper(self.config, self.channel, self._staging)
+        self._link = Link(self.config, self.channel)
+        self._shipper = Shipper(self.config, self._link, self._staging)
+        self._flush = Flush(self._link, self._shipper)
         self._thread_started = False
+        # Left out of publish_events' events: counted here only (they never reach a publisher).
+        self._direct_filtered = self._direct_sampled_out = 0
         rate = self.config.sample_rate
         # Keep a source when crc32(sourceId) falls below this (None: keep all).
         self._sample_below: int | None = None if rate >= 1.0 else int(rate * 2**32)
@@ -114,6 +113,7 @@ class SamsaraClient:
         self._staging = Staging(self.config.staging_size, self.config.staging_bytes)
         self._shipper.staging = self._staging
         self._shipper.after_fork()
+        self._flush.reset()
         self._thread_started = False
         self.disabled_events = self.before_send_errors = self._errors_logged = 0
 
@@ -159,18 +159,18 @@ class SamsaraClient:
             return None
         below = self._sample_below
         if below is not None and zlib.crc32(event["sourceId"].encode("utf-8", "surrogatepass")) >= below:
-            self._staging.note_left_out(0, 1, report)
+            self._left_out(0, 1, report)
             return None
         hook = self._before_send
         if hook is not None:
             try:
                 result = hook(event)
             except Exception as exc:  # noqa: BLE001 - never send what the hook did not clear
-                self._staging.note_left_out(1, 0, report)
+                self._left_out(1, 0, report)
                 self._before_send_failed(exc)
                 return None
             if result is None:
-                self._staging.note_left_out(1, 0, report)
+                self._left_out(1, 0, report)
                 return None
             if not isinstance(result, dict):
                 if not isinstance(result, Mapping):
@@ -186,6 +186,13 @@ class SamsaraClient:
                 sink.append(json.loads(data))  # what the API would have received
             return None
         return data
+
+    def _left_out(self, filtered: int, sampled_out: int, report: bool) -> None:
+        if report:
+            self._staging.note_left_out(filtered, sampled_out)
+        else:
+            self._direct_filtered += filtered
+            self._direct_sampled_out += sampled_out
 
     def _before_send_failed(self, exc: Exception) -> None:
         self.before_send_errors += 1
@@ -250,165 +257,98 @@ class SamsaraClient:
         )
 
     def ship(self, timeout: float | None = None) -> bool:
-        """Push every staged event to the publisher within ``timeout``; True when done.
+        """Push every staged event into the ring within ``timeout``; True when done.
 
-        The one wait that may overrun ``timeout`` is for a publisher being
-        started when none ran (up to 10 s)."""
+        Waits while the ring has no room for them. The one wait that may
+        overrun ``timeout`` is for a publisher being started when none ran."""
+        return self._ship(timeout, urge=False)
+
+    def _ship(self, timeout: float | None, urge: bool) -> bool:
+        """``urge``: when the ring has no room, ask the publisher once to send now
+        (a flush's: the publisher may be waiting out a backoff)."""
         shipper = self._shipper
         deadline = time.monotonic() + (self.config.ipc_timeout_s if timeout is None else timeout)
-        if shipper.reentered():
+        if self._link.reentered():
             return False  # a signal handler interrupted a push: the connection is mid-message
         try:
-            while self._staging.has_work() or shipper.pending or shipper.awaiting:
+            while shipper.has_work():
                 if time.monotonic() >= deadline:
                     return False
                 if not shipper.ship_once(deadline=deadline):
+                    if urge and shipper.no_room:
+                        urge = False
+                        self._flush.urge(deadline)
                     wait = min(shipper.retry_wait(), deadline - time.monotonic())
                     if wait > 0:
                         time.sleep(wait)
-                    shipper.next_connect = 0.0
+                    self._link.next_connect = 0.0
             return True
         finally:
-            if shipper.retired:
-                shipper.close_connection(True, 0.0)  # used after close(): keep no connection
+            if self._link.retired:
+                self._link.close(True, 0.0)  # used after close(): keep no connection
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Ship staged events and wait until the publisher has sent all it holds.
+        """Ship staged events and wait until the publisher has delivered them.
 
-        True when everything buffered before the call has left the buffer
-        (delivered, or counted as rejected or dropped) within ``timeout``
-        (None: 30 s, as ``close(None)`` takes its default).
+        True only when nothing this process recorded since the previous flush was
+        lost: every such event was delivered, or deliberately left out (filtered,
+        sampled out, refused by the API as invalid), within ``timeout`` (None: 30 s).
         """
         if timeout is None:
             timeout = 30.0
         if self.config.disabled or process.capturing():
             return self.ship(timeout)  # nothing of this mode reaches a publisher: never elect one
         deadline = time.monotonic() + timeout
-        shipper = self._shipper
-        if not self.ship(timeout):
-            return False
-        if deadline - time.monotonic() <= 0:
-            return False
-        done: bool | None = False
-        peer: str | None = None
-        covers = 0
-        try:
-            # On a connection of its own: the wait (a Retry-After may make it long)
-            # must not hold the shipper's, or the thread, ship() and stats() would
-            # wait behind it.
-            done, peer, covers = shipper.wait_flushed(deadline)
-            if done is None:
-                # No publisher answered: the shipper's connection elects one, unless
-                # one that holds events of this process went (they may be lost).
-                with shipper.peers_lock:
-                    lost = self._settle_flush(None, None, 0)
-                if lost:
-                    return self._lost(lost)
-                left = deadline - time.monotonic()
-                if left > 0:
-                    covers = shipper.pushes_acked
-                    done, peer = shipper.call("flush", left, timeout=left + self.config.ipc_timeout_s,
-                                              elect=True, deadline=deadline, with_peer=True)
-        except _IPC_ERRORS as exc:
-            log.warning("samsara_mp: flush could not reach the publisher: %s", str(exc) or type(exc).__name__)
-            done = False
-        with shipper.peers_lock:
-            lost = self._settle_flush(done, peer, covers)
-            # Another that took events of it still runs: not answered for.
-            unanswered = done and any(h.number <= covers for h in shipper.unflushed_peers.values())
-        if lost:
-            return self._lost(lost)
-        return bool(done) and not unanswered
-
-    def _settle_flush(self, done: bool | None, peer: str | None, covers: int) -> list[str]:
-        """After a flush answered ``done`` by publisher ``peer`` (its instance id) for
-        the pushes numbered up to ``covers``: forget the publishers it answers for,
-        and those that have ended; return those that ended without draining
-        (killed: what they held is lost), each as "pid N".
-
-        A flush is done only when the publisher that answers is the one that took
-        this process's pushes since the last done flush. One that ended cleanly
-        (it delivered, spooled or counted all it held) leaves a mark in the
-        channel's directory, so a restart or an idle exit raises no alarm.
-        Called holding ``peers_lock``."""
-        peers = self._shipper.unflushed_peers
-        lost = []
-        for instance, holder in list(peers.items()):
-            if done and instance == peer:
-                if holder.number > covers:
-                    continue  # pushed while it waited: the next flush's to answer for
-            elif self.channel.ended_cleanly(instance):
-                pass
-            elif holder.process is None:
-                pass  # the system names no process (another pid namespace): cannot tell
-            elif process_running(*holder.process):
-                continue
-            else:
-                lost.append(f"pid {holder.process[0]}")
-            if peers.get(instance) == holder:  # not replaced by a newer push meanwhile
-                del peers[instance]
-        return lost
-
-    def _lost(self, which: list[str]) -> bool:
-        # Said once (this flush is not done): the next answers for what follows.
-        log.warning("samsara_mp: the publisher (%s) that took events of this flush ended "
-                    "without draining; they may be lost", ", ".join(sorted(which)))
-        return False
+        shipped = self._ship(timeout, urge=True)
+        return self._flush.wait(deadline, shipped)
 
     def stats(self) -> dict[str, Any]:
         """This process's counters, and the channel's from its publisher when reachable."""
-        shipper = self._shipper
+        link = self._link
         timeout = self.config.ipc_timeout_s
         end = time.monotonic() + timeout
-        if shipper.reentered():
-            # A signal handler interrupted this thread mid-push: the connection
-            # and the counts are mid-change; only this process's view is given.
+        if link.reentered():
+            # A signal handler interrupted this thread mid-push: only this process's view.
             result = self._stats(0.0, held=False, ask=False)
             result["error"] = "stats() from a signal handler that interrupted a push: local counts only"
             return result
-        # Holding the connection's lock, no push of this process can land between
-        # the local counts and the publisher's: none is counted twice or not at all.
-        # A thread stuck in a push past this bound (close() shuts its connection
-        # down) leaves the snapshot to go on without it; the push it has in
-        # flight is settled below by the publisher's answer.
-        held = shipper.enter(timeout)
+        # Holding the link, no push of this process lands between the local counts and
+        # the publisher's. A thread stuck in a push past this bound leaves the snapshot
+        # to go on without the lock; the publisher's record of this client settles it.
+        held = link.enter(timeout)
         try:
-            if held and shipper.awaiting:
-                # Read an inline push's answer first, so the snapshot does not hold it
-                # as unreported while the publisher counts it (an older publisher
-                # sends no client_last_push to settle it).
-                shipper.read_answer(max(end - time.monotonic(), 0.001))
+            if held and self._shipper.awaiting:
+                self._shipper.read_answer(max(end - time.monotonic(), 0.001))
             return self._stats(max(end - time.monotonic(), 0.001), held)
         finally:
             if held:
-                shipper.lock.release()
+                link.leave()
 
     def _stats(self, timeout: float, held: bool, ask: bool = True) -> dict[str, Any]:
         staging = self._staging
         shipper = self._shipper
         with staging.lock:
             push = shipper.pending
+            pending = len(push.payloads) if push is not None else 0
             local: dict[str, Any] = {
                 "recorded": staging.recorded,
-                "staged": len(staging) + (len(push.payloads) if push else 0),
+                "staged": len(staging) + pending,
                 "staged_bytes": staging.nbytes,
                 "dropped_staging": staging.dropped,
                 "discarded": self.discarded,
-                "unreported_recorded": staging.unreported_recorded + (push.recorded if push else 0),
-                "unreported_dropped": staging.unreported_dropped + (push.dropped if push else 0),
                 # Never staged, so not in recorded: see README, "Filtering, sampling and tests".
-                "filtered": staging.filtered,
-                "sampled_out": staging.sampled_out,
+                "filtered": staging.filtered + self._direct_filtered,
+                "sampled_out": staging.sampled_out + self._direct_sampled_out,
                 "before_send_errors": self.before_send_errors,
                 "disabled": self.disabled_events,
-                "unreported_filtered": staging.unreported_filtered + (push.filtered if push else 0),
-                "unreported_sampled_out": staging.unreported_sampled_out + (push.sampled_out if push else 0),
                 "threaded": self.threaded,
-                "shipper_alive": self._shipper.thread is not None and self._shipper.thread.is_alive(),
+                "shipper_alive": shipper.thread is not None and shipper.thread.is_alive(),
                 "shipper_errors": shipper.thread_errors,
+                "credit": shipper.credit,
                 "pid": os.getpid(),
                 "channel": self.channel.name,
             }
+            totals = shipper.totals()
         result: dict[str, Any] = {"local": local, "channel": None}
         if not ask:
             return result
@@ -417,30 +357,28 @@ class SamsaraClient:
             return result
         answer: Any = None
         try:
-            answer = shipper.call("stats", shipper.client_id, timeout=timeout, held=held)
+            answer = self._link.call("stats", shipper.client_id, timeout=timeout, held=held)
             chan = dict(answer)
         except (TypeError, ValueError):
             result["error"] = f"the publisher answered stats with a {type(answer).__name__}, not counters"
             return result
         except _IPC_ERRORS as exc:
             cause = self.channel.last_failure()
-            result["error"] = str(exc) + (f" (the last publisher logged: {cause})" if cause else "")
+            result["error"] = str(exc) + (f" (the last publisher said: {cause})" if cause else "")
             return result
-        taken = chan.pop("client_last_push", None)  # absent from an older publisher
-        if push is not None and taken is not None and push.seq <= taken:
-            # The push in flight at the snapshot has reached the publisher (its
-            # answer was lost, or is being read): its counts are in the channel's.
-            local["staged"] -= len(push.payloads)
-            local["unreported_recorded"] -= push.recorded
-            local["unreported_dropped"] -= push.dropped
-            local["unreported_filtered"] -= push.filtered
-            local["unreported_sampled_out"] -= push.sampled_out
-        # Events staged here are recorded but not yet known to the publisher.
-        chan["recorded"] += local["unreported_recorded"]
-        chan["dropped_overflow"] += local["unreported_dropped"]
-        chan["dropped_staging"] += local["unreported_dropped"]
-        chan["filtered"] = chan.get("filtered", 0) + local["unreported_filtered"]
-        chan["sampled_out"] = chan.get("sampled_out", 0) + local["unreported_sampled_out"]
+        mine = chan.pop("client", None) or {}
+        if push is not None and push.sent and mine.get("last_seq", -1) >= push.seq:
+            # The push in flight at the snapshot reached the ring (its answer was lost,
+            # or is being read): what it took is the ring's now, not staged here.
+            local["staged"] -= min(int(mine.get("last_taken", pending)), pending)
+        # What the publisher has not been told yet, as it would count it.
+        told = (mine.get("dropped_staging", 0), mine.get("filtered", 0), mine.get("sampled_out", 0))
+        untold = [max(now - then, 0) for now, then in zip(totals, told, strict=True)]
+        chan["recorded"] += local["staged"] + untold[0]
+        chan["dropped_staging"] += untold[0]
+        chan["dropped_overflow"] += untold[0]
+        chan["filtered"] += untold[1]
+        chan["sampled_out"] += untold[2]
         chan["staged"] = local["staged"]
         result["channel"] = chan
         return result
@@ -453,7 +391,7 @@ class SamsaraClient:
         """
         if self.closed:
             return True
-        if self._shipper.reentered():
+        if self._link.reentered():
             # A signal handler interrupted this thread mid-push: the connection is
             # mid-message. Nothing is given up: the client stays open, and ships
             # what it holds at exit (a handler that exits next) or at a later close().
@@ -478,16 +416,25 @@ class SamsaraClient:
                     "samsara_mp: %d staged events discarded: no publisher of channel %s took them "
                     "within %.1fs", left, self.channel.name, timeout,
                 )
-        self._shipper.close_connection(ended, max(deadline - time.monotonic(), 0.05))
+            if ended:
+                self._report_discarded(deadline)
+        self._link.close(ended, max(deadline - time.monotonic(), 0.05))
         process.unregister(self)
         return shipped
+
+    def _report_discarded(self, deadline: float) -> None:
+        """Tell a reachable publisher what close() gave up (counted as dropped_staging), so
+        the channel's accounting still adds up; a short try, never a wait for room."""
+        shipper = self._shipper
+        if self._link.conn is not None and shipper.pending is None and shipper.totals() != shipper.reported:
+            shipper.ship_once(deadline=min(deadline, time.monotonic() + 0.2))
 
     def _discard_staged(self) -> int:
         """Give up what is staged at a close() that could not ship it, and the push
         taken for the publisher if it never left. A push already written stays
         pending: the publisher may hold it (``stats()`` asks whether it does)."""
         shipper = self._shipper
-        if not shipper.enter(0.0):  # a push is being written: it is sent
+        if not self._link.enter(0.0):  # a push is being written: it is sent
             return self._staging.discard()
         try:
             push = shipper.pending
@@ -496,7 +443,7 @@ class SamsaraClient:
             shipper.pending = None
             return self._staging.discard(push)
         finally:
-            shipper.lock.release()
+            self._link.leave()
 
     async def aflush(self, timeout: float | None = None) -> bool:
         """:meth:`flush` for async code: the wait runs in a worker thread, off the event loop."""

@@ -140,6 +140,15 @@ class TimedConnection(Connection):
                 pass
         return self._peer if isinstance(self._peer, tuple) else None
 
+    def detach_after_fork(self) -> None:
+        """In a forked child: close this process's copy of the descriptor, saying nothing
+        on the socket the parent still uses."""
+        try:
+            os.close(self.fileno())
+        except OSError:
+            pass
+        self._handle = None  # type: ignore[assignment]
+
     # During a handshake: one deadline for all its reads and writes (else a peer
     # that answers each piece just in time holds us several timeouts).
     handshake_deadline: float | None = None

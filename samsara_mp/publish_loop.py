@@ -1,17 +1,13 @@
-"""The publish loop: a thread in the publisher process that empties the buffer.
+"""The publish loop: a thread in the publisher process that empties the ring.
 
 It waits until a full batch is buffered, a flush is asked for, the last
 batch was full (the publisher is behind: it sends the rest at once), or the
 ``publish_interval`` tick finds at least ``min_buffer_size`` events (or events
-that have waited a whole interval below that minimum); then it peeks a batch,
-settles it with the API, commits the outcome to the buffer, and on a
-retryable failure backs off as the ``RetryPolicy`` says, keeping the events.
-
-One batch is in flight at a time, so batches reach the API in buffer order.
-While it is in flight, a helper thread peeks and encodes (joins and gzips)
-the batch after it, so that work overlaps the API's; the prepared batch is
-sent next only if the buffer's head is then exactly where it starts (the
-batch before it was wholly settled and nothing was dropped meanwhile).
+that have waited a whole interval below that minimum). Then it takes a batch
+into the ring's in-flight slot, settles it with the API, and counts what
+left; what did not stays in flight and is sent again after a backoff (one
+``RetryPolicy``), before anything newer, so batches reach the API in order
+(docs/design.md, "Publishing").
 """
 
 from __future__ import annotations
@@ -20,17 +16,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .buffer import Batch, SharedBuffer
 from .config import Config
 from .delivery import Outcome, settle
 from .retry import RetryPolicy
+from .ring import Ring
 from .supervise import Supervisor
-from .transport import Body, Transport
-
-if TYPE_CHECKING:
-    from concurrent.futures import Future, ThreadPoolExecutor
+from .transport import Transport
 
 __all__ = ["PublishLoop"]
 
@@ -42,7 +35,7 @@ class PublishLoop:
 
     def __init__(
         self,
-        buffer: SharedBuffer,
+        buffer: Ring,
         config: Config,
         transport: Transport | None = None,
         policy: RetryPolicy | None = None,
@@ -57,8 +50,6 @@ class PublishLoop:
         )
         self._on_outcome = on_outcome
         self._thread: threading.Thread | None = None
-        self._prepare: ThreadPoolExecutor | None = None
-        self._next: Future[tuple[Batch, Body]] | None = None
         self._stop = threading.Event()
         # An unexpected error in the loop is logged, counted, and the loop goes on.
         self.supervisor = Supervisor(self._stop, config.backoff_base / 1000.0, config.backoff_cap / 1000.0)
@@ -77,7 +68,6 @@ class PublishLoop:
             "bytes_raw": 0,
             "bytes_sent": 0,
             "retries": 0,
-            "prepared": 0,  # batches sent as the helper had prepared them during the last request
             "failed_attempts": 0,
             "statuses": {},
             "last_error": None,
@@ -98,9 +88,6 @@ class PublishLoop:
 
     # ---- control ----
     def start(self) -> None:
-        # The helper that prepares the next batch is made on the loop's thread, when
-        # it starts: concurrent.futures is a few ms of imports that a new publisher
-        # need not pay before it takes its first push.
         self._thread = threading.Thread(target=self._run, name="samsara-mp-publish", daemon=True)
         self._thread.start()
 
@@ -116,10 +103,10 @@ class PublishLoop:
         return target
 
     def wait_flushed(self, target: int, timeout: float) -> bool:
-        """Wait until every event before ``target`` has left the buffer (and the outage
-        spool, where overflow may have moved some), or timeout."""
+        """Wait until every event pushed before ``target`` has left the ring, the
+        in-flight slot and the spool, or timeout."""
         buf = self.buffer
-        return buf.wait(lambda: buf.head_seq >= target and not buf.spool_pending(), timeout)
+        return buf.wait(lambda: buf.flushed(target), timeout)
 
     def _pending(self) -> int:
         """Events waiting: the buffer's, plus one for a non-empty outage spool."""
@@ -154,14 +141,9 @@ class PublishLoop:
         return self.supervisor.failed is not None
 
     def _run(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._prepare = ThreadPoolExecutor(1, thread_name_prefix="samsara-mp-prepare")
         try:
             self.supervisor.run("publish loop", self._loop, on_error=self._reset_after_error)
         finally:
-            if self._prepare is not None:
-                self._prepare.shutdown(wait=False, cancel_futures=True)
             if self._transport is not None:
                 self._transport.close()
 
@@ -170,9 +152,8 @@ class PublishLoop:
             self._publish_one()
 
     def _reset_after_error(self) -> None:
-        """After an unexpected error: nothing half-done is reused. The batch in flight was
-        only peeked, so its events are still buffered and are sent again."""
-        self._next = None
+        """After an unexpected error: nothing half-done is reused. The batch in flight
+        stays in its slot and is sent again."""
         self._behind = False
         if self._owns_transport and self._transport is not None:
             transport, self._transport = self._transport, None
@@ -182,16 +163,17 @@ class PublishLoop:
         """Called under the buffer's lock: is there a reason to publish right now?"""
         if self._stop.is_set() or self._draining:
             return True
-        if self.buffer.spool_pending():
-            return True  # a backlog on disk: send it at once
-        n = len(self.buffer)
+        buf = self.buffer
+        if buf.in_flight is not None or buf.spool_pending():
+            return True  # a batch to send again, or a backlog on disk: at once
+        n = len(buf)
         if not n:
             return False
         cfg = self.config
         return (
             n >= cfg.max_batch_size
-            or self.buffer.nbytes >= cfg.max_batch_bytes
-            or self.buffer.head_seq < self._flush_target
+            or buf.nbytes >= cfg.max_batch_bytes
+            or not buf.flushed(self._flush_target)
             or self._behind
         )
 
@@ -222,27 +204,11 @@ class PublishLoop:
 
     def _publish_one(self) -> None:
         cfg = self.config
-        batch: Batch | None = None
-        body: Body | None = None
-        if self.buffer.spool_pending():
-            # Spooled events are older than any buffered one: they go first, so that
-            # each source's order holds. One batch of them in memory at a time.
-            self._next = None
-            batch = self.buffer.peek_spool(cfg.max_batch_size, cfg.max_batch_bytes)
-            if not batch.payloads:
-                batch = None
-        else:
-            batch, body = self._take_prepared()
+        batch = self.buffer.take(cfg.max_batch_size, cfg.max_batch_bytes)
         if batch is None:
-            batch = self.buffer.peek(cfg.max_batch_size, cfg.max_batch_bytes)
-        if not batch.payloads:
             return
-        if (self._prepare is not None and batch.full and not self._failures
-                and batch.positions is None):
-            # A backlog: the next batch is already there to prepare.
-            self._next = self._prepare.submit(self._prepare_after, batch)
-        outcome = settle(self.transport, batch.payloads, body=body)
-        self.buffer.commit(batch, outcome.delivered, outcome.rejected)
+        outcome = settle(self.transport, batch.payloads)
+        self.buffer.settle(batch, outcome.delivered, outcome.rejected)
         self._account(outcome)
         if self._on_outcome is not None:
             try:
@@ -256,32 +222,6 @@ class PublishLoop:
             if self._failures:
                 log.info("samsara_mp: API reachable again after %d failed tries", self._failures)
             self._failures = 0
-
-    def _prepare_after(self, batch: Batch) -> tuple[Batch, Body]:
-        """Runs in the helper thread: peek and encode the batch that follows ``batch``."""
-        cfg = self.config
-        after = batch.first_seq + len(batch.payloads)
-        following = self.buffer.peek(cfg.max_batch_size, cfg.max_batch_bytes, from_seq=after)
-        return following, self.transport.encode(following.payloads)
-
-    def _take_prepared(self) -> tuple[Batch | None, Body | None]:
-        """The batch prepared during the last request, when it is still the right one to send."""
-        future, self._next = self._next, None
-        if future is None:
-            return None, None
-        try:
-            batch, body = future.result()
-        except Exception:  # noqa: BLE001 - preparing is an optimisation; peek afresh
-            log.exception("samsara_mp: preparing the next batch failed")
-            return None, None
-        if not batch.payloads or self.buffer.head_seq != batch.first_seq:
-            return None, None  # the batch before it was not wholly settled, or events were dropped
-        if self.buffer.spool_pending():
-            return None, None  # overflow moved events to disk meanwhile: they go first
-        if not batch.full and len(self.buffer) > len(batch.payloads):
-            return None, None  # more arrived since: a fresh peek sends a bigger batch
-        self.stats["prepared"] += 1
-        return batch, body
 
     def _account(self, outcome: Outcome) -> None:
         s = self.stats

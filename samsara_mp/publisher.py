@@ -1,11 +1,12 @@
 """The publisher process: holds the channel's lock, serves the buffer, runs the loop.
 
 Exactly one per channel. It takes the election lock without blocking (and
-exits with status 3 when another process holds it), serves the SharedBuffer
-to workers over the channel's Unix socket, runs the publish loop, and on
+exits with status 3 when another process holds it), serves the ring to
+workers over the channel's Unix socket, runs the publish loop, and on
 SIGTERM/SIGINT, the end of its owner, or a long idle spell with no clients,
-stops taking pushes, drains within ``shutdown_timeout`` and spools what the
-API did not take in time. :class:`Publisher` is the owner's handle on it.
+stops taking pushes, drains within ``shutdown_timeout`` and writes what the
+API did not take in time to the segment log, which the next publisher sends
+first. :class:`Publisher` is the owner's handle on it (docs/design.md).
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .buffer import SharedBuffer
-from .channel import EXIT_LOST_ELECTION, Channel, Flock, read_config_fd
+from ._procfs import process_running
+from ._segment_log import SegmentLog
+from .channel import EXIT_LOST_ELECTION, Channel, Flock, ensure_private_dir, read_config_fd
 from .config import Config, redact_url
 from .errors import ChannelError, ChannelTaken, InvalidConfiguration
 from .hooks import OutcomeHooks
 from .ipc import IPCError, Server
 from .publish_loop import PublishLoop
-from .spool import SegmentSpool, Spool
+from .ring import Ring
 from .stats import ClientStatsReporter
 from .supervise import Supervisor
 
@@ -47,12 +50,12 @@ class PublisherProcess:
         # The spawn gate its launcher held, inherited: let go once serving.
         self.gate = Flock(gate_fd) if gate_fd is not None else None
         self.channel = Channel(config)
-        self.buffer = SharedBuffer(config.max_buffer_size)
+        self.buffer = Ring(config.max_buffer_size)
         self.hooks = OutcomeHooks(config.on_success, config.on_failure)
         self.loop = PublishLoop(self.buffer, config, on_outcome=self.hooks)
         self.reporter = ClientStatsReporter(config) if config.send_client_stats else None
         self._stats_events = 0
-        self.spool = Spool(config.spool_dir or str(self.channel.dir / "spool"))
+        self.spool_dir = Path(config.spool_dir or self.channel.dir / "spool")
         self._stop = threading.Event()
         self.supervisor = Supervisor(self._stop, config.backoff_base / 1000.0, config.backoff_cap / 1000.0)
         self._accepting = True
@@ -141,7 +144,7 @@ class PublisherProcess:
                           "is elected", self.supervisor.failed or "the publish loop")
                 self._shutdown()
                 return 1
-            if self.owner_pid is not None and not _alive(self.owner_pid):
+            if self.owner_pid is not None and not process_running(self.owner_pid, None):
                 log.info("samsara_mp: owner %d ended; draining", self.owner_pid)
                 break
             if server.clients or len(self.buffer) or self.buffer.spool_pending():
@@ -162,23 +165,11 @@ class PublisherProcess:
         drained = self.loop.drain(self.config.shutdown_timeout_s)
         if not drained:
             self._spooled_at_exit = True  # set first: a flush it wakes must see it
-            left = self.buffer.drain_all()
-            if left:
-                try:
-                    path = self.spool.write(left)
-                except OSError as exc:
-                    self.buffer.spool_failed(len(left))
-                    log.error(
-                        "samsara_mp: could not spool %d undelivered events to %s (%s); "
-                        "counted as dropped_spool", len(left), self.spool.dir, exc,
-                    )
-                else:
-                    log.warning("samsara_mp: spooled %d undelivered events to %s", len(left), path)
+            self._write_left()
         self.buffer.close_spool()
         if self.buffer.spool_pending():
-            log.warning("samsara_mp: %d bytes of outage spool left in %s for the next publisher",
-                        self.buffer.spool.nbytes if self.buffer.spool else 0,
-                        self.spool.dir / "outage")
+            log.warning("samsara_mp: %d bytes of undelivered events left in %s for the next publisher",
+                        self.buffer.spool.nbytes if self.buffer.spool else 0, self._log_dir())
         if self._server is not None:
             self._server.close()
         if self._metrics is not None:
@@ -191,6 +182,36 @@ class PublisherProcess:
         if not len(self.buffer):
             self.channel.note_clean_exit(self.instance)
 
+    def _log_dir(self) -> Path:
+        return self.spool_dir / "outage"
+
+    def _open_log(self) -> SegmentLog:
+        """The segment log, opened (taking over what an earlier publisher left)."""
+        spool = self.buffer.spool
+        if spool is None:
+            spool = SegmentLog(self._log_dir(), self.config.spool_max_bytes)
+            spool.open()
+        return spool
+
+    def _write_left(self) -> None:
+        """What the drain could not deliver goes to the segment log, for the next publisher."""
+        n = len(self.buffer)
+        if not n:
+            return
+        error: str | None
+        try:
+            spool = self._open_log()
+        except (OSError, ChannelError) as exc:
+            written, error = self.buffer.drain_to(None)[0], str(exc)
+        else:
+            written, failure = self.buffer.drain_to(spool)
+            error = None if failure is None else str(failure)
+        if error is not None:
+            log.error("samsara_mp: could not write %d undelivered events to %s (%s); counted as "
+                      "dropped_spool", n - written, self._log_dir(), error)
+        if written:
+            log.warning("samsara_mp: wrote %d undelivered events to %s", written, self._log_dir())
+
     def _accounting(self) -> dict[str, int]:
         snap = self.stats()
         keys = ("recorded", "delivered", "dropped_overflow", "rejected", "buffered", "spooled",
@@ -198,44 +219,38 @@ class PublisherProcess:
         return {k: int(snap.get(k, 0)) for k in keys}
 
     def _restore_spool(self) -> None:
-        self.spool.ensure()
-        self.spool.clean()
-        # The outage spool: opened to write with overflow="spool", and to read
-        # whenever an earlier publisher left segments (whatever this one's overflow).
-        outage = self.spool.dir / "outage"
-        if self.config.overflow == "spool" or any(outage.glob("seg-*.smp")):
-            segments = SegmentSpool(outage, self.config.spool_max_bytes)
-            segments.open()
-            self.buffer.attach_spool(segments, self.config.overflow)
-        restored = 0
-        for payloads in self.spool.take_all():
-            # Counted as recorded here (the stopping publisher counted them as spooled),
-            # and as spooled and restored (inherited), so the invariant holds.
-            self.buffer.push(payloads)
-            self.buffer.restored_from_disk(len(payloads))
-            restored += len(payloads)
-        if restored:
-            log.info("samsara_mp: resending %d spooled events first", restored)
+        """Open the segment log to write (overflow="spool"), or to read what an earlier
+        publisher left: the publish loop sends it first, a batch at a time."""
+        try:
+            self.spool_dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # ensure_private_dir says what is wrong
+        ensure_private_dir(self.spool_dir, "spool directory")
+        if self.config.overflow == "spool" or any(self._log_dir().glob("seg-*.smp")):
+            self.buffer.attach_spool(self._open_log(), self.config.overflow)
 
     # ---- IPC ----
     def _handle(self, method: str, args: tuple[Any, ...]) -> Any:
+        """One request of a worker, its arguments checked before they touch the ring."""
         if method == "push":
+            payloads, client_id, seq, totals = _push_args(args)
             if not self._accepting:
                 raise ChannelError("publisher is shutting down")
-            return self.buffer.push(*args), self.instance
+            taken, room = self.buffer.push(payloads, client_id, seq, totals)
+            return taken, room, self.instance
         if method == "stats":
-            return self.stats(*args[:1])
+            return self.stats(_opt_str(args))
         if method == "flush":
-            (timeout,) = args
+            if not args or not isinstance(args[0], int | float):
+                raise TypeError("flush takes a timeout in seconds")
             target = self.loop.request_flush()
-            done = self.loop.wait_flushed(target, float(timeout))
-            return done and not self._spooled_at_exit
+            done = self.loop.wait_flushed(target, min(float(args[0]), 3600.0))
+            client = self.buffer.snapshot(_opt_str(args[1:])).get("client") or {}
+            return done and not self._spooled_at_exit, int(client.get("lost", 0))
         if method == "instance":
             return self.instance
         if method == "ping":
             return os.getpid()
-        if method == "bye":
-            return None
         raise ValueError(f"unknown method {method!r}")
 
     def stats(self, client_id: str | None = None) -> dict[str, Any]:
@@ -269,14 +284,24 @@ class PublisherProcess:
                     and (last is None or time.time() - last > limit))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _push_args(args: tuple[Any, ...]) -> tuple[list[bytes], str, int, tuple[int, int, int]]:
+    """A push's arguments, or TypeError saying what is wrong: a malformed push from a
+    peer must be refused, never reach the ring or a counter."""
+    if len(args) != 4:
+        raise TypeError(f"push takes 4 arguments, not {len(args)}")
+    payloads, client_id, seq, totals = args
+    if not isinstance(payloads, list) or not all(type(p) is bytes for p in payloads):
+        raise TypeError("push: payloads must be a list of bytes")
+    if not isinstance(client_id, str) or not isinstance(seq, int) or isinstance(seq, bool):
+        raise TypeError("push: client id must be a str and seq an int")
+    if (not isinstance(totals, tuple) or len(totals) != 3
+            or not all(type(t) is int and t >= 0 for t in totals)):
+        raise TypeError("push: totals must be three counts")
+    return payloads, client_id, seq, totals
+
+
+def _opt_str(args: tuple[Any, ...]) -> str | None:
+    return args[0] if args and isinstance(args[0], str) else None
 
 
 class Publisher:

@@ -1,126 +1,24 @@
-"""Spool: what a stopping publisher could not deliver in time, kept for the next one.
+"""The one on-disk format for events: a segmented, checksummed log.
 
-One file per shutdown, one encoded event per line (compact JSON never holds a
-raw newline), written to a temporary name and renamed, so a reader sees whole
-files only. A line that does not parse as JSON (a torn or corrupt file) is
-reported and skipped; the rest of the file is still resent.
+The outage spool (``overflow="spool"``) and a stopping publisher's drain both
+append here, and a starting publisher reads what an earlier one left from the
+same place, oldest first, a batch at a time (docs/design.md, "On disk").
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import os
 import stat
 import struct
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ChannelError
-
-__all__ = ["Spool", "SegmentSpool", "SpoolFull"]
+__all__ = ["SegmentLog", "Position"]
 
 log = logging.getLogger("samsara_mp")
-
-
-class Spool:
-    """A directory of spool files, written at shutdown and taken at start."""
-
-    def __init__(self, directory: str) -> None:
-        self.dir = Path(directory)
-        self.corrupt_lines = 0
-
-    def ensure(self) -> None:
-        """Create the directory 0700 if absent; ``ChannelError`` unless it is ours and
-        private: a directory others can write to would let them plant events that this
-        publisher sends as its own."""
-        from .channel import ensure_private_dir
-
-        try:
-            self.dir.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            pass  # ensure_private_dir says what is wrong
-        ensure_private_dir(self.dir, "spool directory")
-
-    def write(self, payloads: Sequence[bytes]) -> Path:
-        """Write one file whole (temp name, fsync, rename) or raise ``OSError`` leaving none."""
-        try:
-            self.ensure()
-        except ChannelError as exc:
-            raise OSError(errno.EACCES, str(exc)) from exc
-        name = f"spool-{time.time_ns()}-{os.getpid()}.jsonl"
-        tmp = self.dir / ("." + name)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(b"\n".join(payloads))
-                f.write(b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            final = self.dir / name
-            os.replace(tmp, final)
-        except OSError:
-            _unlink(tmp)  # a full disk must not leave a torn or empty file behind
-            raise
-        return final
-
-    def clean(self) -> int:
-        """Remove what a failed or killed writer left (temp and empty files); how many."""
-        if not self.dir.is_dir():
-            return 0
-        removed = 0
-        for path in self.dir.glob(".spool-*"):
-            removed += _unlink(path)
-        for path in self.dir.glob("spool-*.jsonl"):
-            try:
-                empty = path.stat().st_size == 0
-            except OSError:
-                continue
-            if empty:
-                removed += _unlink(path)
-        if removed:
-            log.info("samsara_mp: removed %d temporary or empty spool files in %s", removed, self.dir)
-        return removed
-
-    def files(self) -> list[Path]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(self.dir.glob("spool-*.jsonl"))
-
-    def take_all(self) -> Iterator[list[bytes]]:
-        """Yield each spool file's valid events, oldest file first, removing the file."""
-        uid = os.geteuid()
-        for path in self.files():
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                with os.fdopen(fd, "rb") as f:
-                    if os.fstat(f.fileno()).st_uid != uid:
-                        log.error("samsara_mp: spool file %s is not ours; not sending it", path)
-                        continue
-                    data = f.read()
-            except OSError as exc:
-                log.error("samsara_mp: cannot read spool file %s: %s", path, exc)
-                continue
-            good: list[bytes] = []
-            for lineno, line in enumerate(data.split(b"\n"), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    self.corrupt_lines += 1
-                    log.error("samsara_mp: skipping corrupt line %d of spool file %s", lineno, path)
-                    continue
-                if not isinstance(obj, dict):
-                    self.corrupt_lines += 1
-                    log.error("samsara_mp: skipping non-object line %d of spool file %s", lineno, path)
-                    continue
-                good.append(line)
-            path.unlink()
-            yield good
 
 
 def _unlink(path: Path) -> int:
@@ -133,10 +31,6 @@ def _unlink(path: Path) -> int:
         return 0
     return 1
 
-
-# ---------------------------------------------------------------------------
-# The outage spool (overflow="spool"): an append-only, segmented log on disk.
-# ---------------------------------------------------------------------------
 
 _FRAME = struct.Struct("<II")  # payload length, crc32 of the payload
 _MAX_RECORD = 64 * 1024 * 1024  # a length past this is a corrupt header, not an event
@@ -158,11 +52,7 @@ class _Segment:
         self.records = 0 if own else -1
 
 
-class SpoolFull(Exception):
-    """The bound leaves no room for these events, even after evicting old segments."""
-
-
-class SegmentSpool:
+class SegmentLog:
     """Events that overflowed the shared buffer during an outage, oldest first.
 
     Records are framed ``<length u32><crc32 u32><payload>`` in segment files
@@ -195,6 +85,7 @@ class SegmentSpool:
         self._rec = 0
         self._off = 0
         self._presettled: set[Position] = set()
+        self.in_flight: set[Position] = set()  # read into the publisher's in-flight batch
         self.corrupt = 0  # damaged spans skipped
         self.corrupt_bytes = 0
         self.evicted_segments = 0
@@ -271,31 +162,19 @@ class SegmentSpool:
             return True
         return False
 
-    def pending_known(self) -> int:
-        """Records of ours not yet settled (inherited segments are counted when read)."""
-        n = sum(s.records for s in self.segments if s.own)
-        if self.segments and self.segments[0].own:
-            n -= self._rec
-        return n - sum(1 for p in self._presettled if self._is_own(p[0]))
-
-    def _is_own(self, index: int) -> bool:
-        return any(s.index == index and s.own for s in self.segments)
-
     # ---- write ----
-    def append(self, payloads: list[bytes]
-               ) -> tuple[list[tuple[int, int, int]], int, int, OSError | None]:
-        """Append records; ``(runs, evicted_own, evicted_inherited, error)``.
+    def append(self, payloads: list[bytes]) -> tuple[int, int, int, OSError | None]:
+        """Append records, oldest first; ``(written, evicted_own, evicted_inherited, error)``.
 
-        ``runs`` is ``[(segment, first record, count), ...]`` for the records
-        written, a prefix of ``payloads``; when a write fails (ENOSPC, EFBIG...)
-        the rest is not written, the segment is cut back to its last whole
-        record and ``error`` says why. Raises ``SpoolFull``, writing nothing,
-        when the bound leaves no room even after evicting old segments.
+        Old segments are evicted to keep within ``max_bytes``; events more than
+        the whole bound at once lose their oldest. When a write fails (ENOSPC,
+        EFBIG...) the rest is not written, the segment is cut back to its last
+        whole record and ``error`` says why; ``written`` counts what is on disk.
         """
         frames = [_FRAME.pack(len(p), zlib.crc32(p)) + p for p in payloads]
         need = sum(map(len, frames))
-        if need > self.max_bytes:
-            raise SpoolFull(f"{need} bytes at once are more than spool_max_bytes {self.max_bytes}")
+        while frames and need > self.max_bytes:
+            need -= len(frames.pop(0))
         evicted_own = evicted_inh = 0
         while self.nbytes + need > self.max_bytes:
             victim = self._evictable()
@@ -304,16 +183,16 @@ class SegmentSpool:
             o, i = self._evict(victim)
             evicted_own += o
             evicted_inh += i
-        runs: list[tuple[int, int, int]] = []
+        written: list[int] = [0]
         try:
-            self._append_frames(frames, runs)
+            self._append_frames(frames, written)
         except OSError as exc:
             self._maybe_sync()
-            return runs, evicted_own, evicted_inh, exc
+            return written[0], evicted_own, evicted_inh, exc
         self._maybe_sync()
-        return runs, evicted_own, evicted_inh, None
+        return written[0], evicted_own, evicted_inh, None
 
-    def _append_frames(self, frames: list[bytes], runs: list[tuple[int, int, int]]) -> None:
+    def _append_frames(self, frames: list[bytes], written: list[int]) -> None:
         start = 0
         while start < len(frames):
             seg = self._writable()
@@ -327,8 +206,8 @@ class SegmentSpool:
                 self._roll()
                 continue
             self._write(seg, b"".join(frames[start:end]))
-            runs.append((seg.index, seg.records, end - start))
             seg.records += end - start
+            written[0] += end - start
             start = end
 
     def _writable(self) -> _Segment:
@@ -385,8 +264,8 @@ class SegmentSpool:
 
     # ---- eviction (the bound) ----
     def _evictable(self) -> _Segment | None:
-        # The oldest first, even when a batch read from it awaits its answer (the
-        # buffer moves such events back from dropped_spool if they are delivered).
+        # The oldest first, even when a batch read from it is in flight: those
+        # events are in memory and are counted when they settle.
         for seg in self.segments:
             if seg.own and self._fd is not None and seg is self.segments[-1]:
                 continue  # the one being written
@@ -401,7 +280,8 @@ class SegmentSpool:
         first = seg is self.segments[0]
         rec = self._rec if first else 0
         off = self._off if first else 0
-        settled_ahead = sum(1 for p in self._presettled if p[0] == seg.index)
+        # Records settled already, or in flight (in memory, counted when settled).
+        settled_ahead = sum(1 for p in self._presettled | self.in_flight if p[0] == seg.index)
         if seg.own:
             left = seg.records - rec - settled_ahead
         else:
@@ -524,19 +404,11 @@ class SegmentSpool:
                     return payloads, positions, inherited, ends
         return payloads, positions, inherited, ends
 
-    def settle_many(self, positions: list[Position]) -> list[bool]:
-        """:meth:`presettle` for many; whether each was still on disk."""
+    def settle_many(self, positions: list[Position]) -> None:
+        """Record these positions as settled (delivered or rejected); :meth:`advance`
+        then moves the cursor over them. Those of an evicted segment are ignored."""
         live = {s.index for s in self.segments}
-        ok = [p[0] in live for p in positions]
-        self._presettled.update(p for p, k in zip(positions, ok, strict=True) if k)
-        return ok
-
-    def presettle(self, pos: Position) -> bool:
-        """Record ``pos`` as settled; False when its segment is gone (evicted)."""
-        if not any(s.index == pos[0] for s in self.segments):
-            return False
-        self._presettled.add(pos)
-        return True
+        self._presettled.update(p for p in positions if p[0] in live)
 
     def advance(self, ends: dict[Position, int] | None = None) -> None:
         """Move the cursor over settled records (see :meth:`_advance`) and save it."""

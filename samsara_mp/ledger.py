@@ -1,0 +1,132 @@
+"""The channel's counters and the accounting invariant, in one place.
+
+Every way an event leaves the system is a named counter here, and no counter
+is ever decreased (``buffered`` and ``spool_pending`` are fills, computed).
+At any quiet moment (docs/design.md, "Accounting")::
+
+    recorded = delivered + rejected + dropped_buffer + dropped_staging
+               + dropped_spool + buffered + staged + spool_pending
+
+``recorded`` counts what workers reported (events handed to the ring, and
+events their staging dropped) plus what an earlier publisher left on disk,
+counted when it is read back or evicted. The per-client part remembers what
+each worker last reported, so a report is a cumulative total: a resent push
+cannot count anything twice, and nothing needs undoing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+__all__ = ["Counters", "ClientRecord", "Ledger", "MAX_REMEMBERED_CLIENTS", "unaccounted"]
+
+# Workers are recycled (gunicorn, Celery): each new process is a new client, so
+# the table of clients is bounded; a forgotten client's counts stay in the totals.
+MAX_REMEMBERED_CLIENTS = 10_000
+
+
+class Counters:
+    """Monotonic counters of one channel."""
+
+    __slots__ = (
+        "recorded", "received", "delivered", "rejected", "dropped_buffer", "dropped_staging",
+        "spooled", "restored", "spool_evicted", "spool_inherited", "dropped_spool", "spool_errors",
+        "pushes", "duplicate_pushes", "refused_events", "filtered", "sampled_out",
+    )
+    recorded: int
+    received: int
+    delivered: int
+    rejected: int
+    dropped_buffer: int
+    dropped_staging: int
+    spooled: int
+    restored: int
+    spool_evicted: int
+    spool_inherited: int
+    dropped_spool: int
+    spool_errors: int
+    pushes: int
+    duplicate_pushes: int
+    refused_events: int
+    filtered: int
+    sampled_out: int
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class ClientRecord:
+    """What the ring knows of one worker process's client."""
+
+    __slots__ = ("last_seq", "last_taken", "dropped_staging", "filtered", "sampled_out", "taken",
+                 "held", "lost", "refused_at")
+
+    def __init__(self) -> None:
+        self.last_seq = -1  # the newest push taken, and how many of its events were
+        self.last_taken = 0
+        # The client's cumulative totals, as last reported.
+        self.dropped_staging = 0
+        self.filtered = 0
+        self.sampled_out = 0
+        self.taken = 0  # events of it the ring has taken, ever
+        self.held = 0  # of those, in the ring or in flight now
+        self.lost = 0  # of those, dropped by the ring for lack of room
+        self.refused_at = -1e9  # when a push of it last found too little room
+
+
+class Ledger:
+    """The counters and the table of clients (bounded, least recently heard first)."""
+
+    def __init__(self) -> None:
+        self.counters = Counters()
+        self.clients: OrderedDict[str, ClientRecord] = OrderedDict()
+
+    def client(self, client_id: str) -> ClientRecord:
+        """The record of ``client_id``, made if new, moved to the newest end."""
+        rec = self.clients.get(client_id)
+        if rec is None:
+            rec = self.clients[client_id] = ClientRecord()
+            if len(self.clients) > MAX_REMEMBERED_CLIENTS:
+                self._forget_one()
+        else:
+            self.clients.move_to_end(client_id)
+        return rec
+
+    def _forget_one(self) -> None:
+        # The oldest client with nothing in the ring; its counts stay in the totals.
+        for cid, rec in self.clients.items():
+            if not rec.held:
+                del self.clients[cid]
+                return
+
+    def report(self, rec: ClientRecord, totals: tuple[int, int, int]) -> None:
+        """A client's cumulative (dropped_staging, filtered, sampled_out): count what is new."""
+        dropped, filtered, sampled = totals
+        c = self.counters
+        if dropped > rec.dropped_staging:
+            c.dropped_staging += dropped - rec.dropped_staging
+            c.recorded += dropped - rec.dropped_staging
+            rec.dropped_staging = dropped
+        if filtered > rec.filtered:
+            c.filtered += filtered - rec.filtered
+            rec.filtered = filtered
+        if sampled > rec.sampled_out:
+            c.sampled_out += sampled - rec.sampled_out
+            rec.sampled_out = sampled
+
+    def active_clients(self, now: float) -> int:
+        """Clients that hold events in the ring, or were refused room within a second
+        (a worker waiting for room counts, so it is not starved by a busy one)."""
+        return sum(1 for rec in self.clients.values() if rec.held or now - rec.refused_at < 1.0)
+
+
+def unaccounted(snap: dict[str, Any]) -> int:
+    """``recorded`` less every way out and every fill: 0 when the books balance."""
+    return int(snap["recorded"]) - sum(int(snap.get(k, 0)) for k in (
+        "delivered", "rejected", "dropped_buffer", "dropped_staging", "dropped_spool",
+        "buffered", "staged", "spool_pending"))

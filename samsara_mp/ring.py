@@ -1,0 +1,521 @@
+"""The channel's ring: the bounded buffer of encoded events in the publisher.
+
+Workers push into its tail; the publish loop takes a batch out of its head
+into the in-flight slot, and settles it there: delivered and rejected events
+leave, the rest stay in flight and are sent again. ``max_size`` bounds the
+ring and the slot together. Room is handed out before events arrive: each
+push's answer says how many more events that client may push (its fair share
+of what is free), so a burst waits in the workers' staging instead of
+overflowing here. Drop-oldest remains the last resort for what arrives past
+the bound, and takes only from the ring, never from the slot.
+
+With an outage spool (``overflow="spool"``) the oldest go to disk instead of
+being dropped; spooled events are older than anything in the ring, so the
+loop sends them first (docs/design.md, "The ring and the in-flight slot").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from itertools import accumulate, islice, repeat, starmap
+from typing import TYPE_CHECKING, Any
+
+from .ledger import ClientRecord, Ledger
+
+if TYPE_CHECKING:
+    from ._segment_log import Position, SegmentLog
+
+log = logging.getLogger("samsara_mp")
+
+__all__ = ["Ring", "Batch"]
+
+# A client is never told less room than this while the ring has any: one push
+# of a few hundred events is cheaper than many tiny ones.
+_MIN_GRANT = 64
+
+
+class Batch:
+    """Events taken out of the ring (or read from the spool) to send together.
+
+    ``first_seq`` is the ring sequence number of the first event; ``owners``
+    the runs of (client record, count) they came from; ``positions`` where each
+    is on disk, for a batch read from the spool."""
+
+    __slots__ = ("first_seq", "payloads", "owners", "nbytes", "full", "positions", "inherited", "ends")
+
+    def __init__(self, first_seq: int, payloads: list[bytes], owners: list[list[Any]] | None = None,
+                 nbytes: int | None = None, full: bool = False,
+                 positions: list[Position] | None = None, inherited: list[bool] | None = None,
+                 ends: dict[Position, int] | None = None) -> None:
+        self.first_seq = first_seq
+        self.payloads = payloads
+        self.owners = owners or []
+        self.nbytes = sum(map(len, payloads)) if nbytes is None else nbytes
+        self.full = full
+        self.positions = positions
+        self.inherited = inherited
+        self.ends = ends
+
+    def __repr__(self) -> str:
+        return f"Batch(first_seq={self.first_seq}, events={len(self.payloads)}, full={self.full})"
+
+    def owner_list(self) -> list[ClientRecord | None]:
+        """The owner of each event, in order."""
+        out: list[ClientRecord | None] = []
+        for rec, n in self.owners:
+            out.extend(repeat(rec, n))
+        return out
+
+
+class Ring:
+    """Bounded ring with an in-flight slot, room per client, and exact counters."""
+
+    def __init__(self, max_size: int, clock: Callable[[], float] = time.monotonic,
+                 spool: SegmentLog | None = None, overflow: str = "drop") -> None:
+        self.max_size = max_size
+        self.spool = spool
+        self._spill = overflow == "spool" and spool is not None
+        self._spool_off_until = 0.0
+        self._spool_error_logged = -1e9
+        self._ring: deque[bytes] = deque()
+        # Runs of [client record, count] beside the ring, oldest first.
+        self._owners: deque[list[Any]] = deque()
+        self._bytes = 0
+        self._head_seq = 0  # the seq of self._ring[0]
+        self.in_flight: Batch | None = None
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._clock = clock
+        self._oldest_since: float | None = None  # when the ring's head arrived
+        self._flight_since: float | None = None  # the same, for the batch in flight
+        self.ledger = Ledger()
+        self.counters = self.ledger.counters
+
+    # ---- worker side (IPC server threads) ----
+    def push(self, payloads: Sequence[bytes], client_id: str = "", push_seq: int = -1,
+             totals: tuple[int, int, int] = (0, 0, 0)) -> tuple[int, int]:
+        """Take the oldest of ``payloads`` that fit this client's room; ``(taken, room)``.
+
+        ``room`` is how many more events the client may push now. A push resent
+        with a seq already taken gets the first answer's count again, so a
+        worker that timed out waiting cannot duplicate events. Pushes with no
+        client id (the publisher's own events) take whatever room there is and
+        fall back to drop-oldest."""
+        with self._lock:
+            c = self.counters
+            rec = self.ledger.client(client_id) if client_id else None
+            if rec is not None:
+                if push_seq <= rec.last_seq:
+                    c.duplicate_pushes += 1
+                    return rec.last_taken, self._room(rec)
+                self.ledger.report(rec, totals)
+            c.pushes += 1
+            n = len(payloads)
+            take = n if rec is None else min(n, self._room(rec))
+            if rec is not None:
+                rec.last_seq, rec.last_taken = push_seq, take
+                rec.taken += take
+                rec.held += take
+            c.refused_events += n - take
+            if rec is not None and take < n:
+                rec.refused_at = self._clock()
+            if take:
+                self._append(payloads if take == n else payloads[:take], rec)
+            return take, (self._room(rec) if rec is not None else 0)
+
+    def _append(self, payloads: Sequence[bytes], rec: ClientRecord | None) -> None:
+        c = self.counters
+        n = len(payloads)
+        c.recorded += n
+        c.received += n
+        if not self._ring:
+            self._oldest_since = self._clock()
+        self._ring.extend(payloads)
+        self._bytes += sum(map(len, payloads))
+        owners = self._owners
+        if owners and owners[-1][0] is rec:
+            owners[-1][1] += n
+        else:
+            owners.append([rec, n])
+        over = len(self._ring) + self._flight_len() - self.max_size
+        if over > 0:
+            self._make_room(min(over, len(self._ring)))
+        self._changed.notify_all()
+
+    def _flight_len(self) -> int:
+        """Events in flight from the ring (a batch read from the spool is still counted
+        there, as ``spool_pending``, until it settles)."""
+        flight = self.in_flight
+        return len(flight.payloads) if flight is not None and flight.positions is None else 0
+
+    def _room(self, rec: ClientRecord) -> int:
+        """How many more events ``rec`` may push: its fair share of the bound, less what
+        it holds, within what is free (with a spool, overflow goes to disk: only the
+        share counts)."""
+        free = self.max_size - len(self._ring) - self._flight_len()
+        now = self._clock()
+        waiting = rec.held or now - rec.refused_at < 1.0
+        active = self.ledger.active_clients(now) + (0 if waiting else 1)
+        share = max(self.max_size // max(active, 1), 1)
+        if self._spill and now >= self._spool_off_until:
+            return max(share - rec.held, min(share, _MIN_GRANT))
+        room = min(free, share - rec.held)
+        if room <= 0:
+            return 0
+        return min(max(room, min(_MIN_GRANT, free)), free)
+
+    def room_for(self, client_id: str) -> int:
+        with self._lock:
+            return self._room(self.ledger.client(client_id))
+
+    def _pop_head(self, n: int) -> list[bytes]:
+        """Remove the ``n`` oldest of the ring (under the lock), releasing their owners."""
+        ring = self._ring
+        if n < len(ring):
+            taken = [ring.popleft() for _ in range(n)]
+        else:
+            taken = list(ring)
+            ring.clear()
+        self._bytes -= sum(map(len, taken))
+        self._head_seq += n
+        self._oldest_since = self._clock() if ring else None
+        return taken
+
+    def _release_owners(self, n: int, lost: bool = False) -> None:
+        """The ``n`` oldest owner entries leave the ring (under the lock)."""
+        owners = self._owners
+        while n:
+            run = owners[0]
+            k = min(n, run[1])
+            rec = run[0]
+            if rec is not None:
+                rec.held -= k
+                if lost:
+                    rec.lost += k
+            run[1] -= k
+            n -= k
+            if not run[1]:
+                owners.popleft()
+
+    def _take_owners(self, n: int) -> list[list[Any]]:
+        """The owner runs of the ``n`` oldest, moved out of the ring's (they stay held)."""
+        owners = self._owners
+        out: list[list[Any]] = []
+        while n:
+            run = owners[0]
+            k = min(n, run[1])
+            out.append([run[0], k])
+            run[1] -= k
+            n -= k
+            if not run[1]:
+                owners.popleft()
+        return out
+
+    def _make_room(self, n: int) -> None:
+        """Past the bound: the ``n`` oldest of the ring go to the spool, or are dropped."""
+        now = self._clock()
+        if self._spill and now >= self._spool_off_until:
+            self._release_owners(n)
+            self._spill_out(self._pop_head(n), now)
+            return
+        self._release_owners(n, lost=True)
+        self._pop_head(n)
+        self.counters.dropped_buffer += n
+
+    def _spill_out(self, taken: list[bytes], now: float) -> None:
+        assert self.spool is not None
+        c = self.counters
+        written, evicted_own, evicted_inherited, error = self.spool.append(taken)
+        c.spooled += written
+        self._count_evicted(evicted_own, evicted_inherited)
+        lost = len(taken) - written
+        if lost:
+            c.dropped_spool += lost
+        if error is None:
+            return
+        c.spool_errors += 1
+        self._spool_off_until = now + 1.0  # tried again in a second, not at every push
+        if now - self._spool_error_logged >= 10.0:
+            self._spool_error_logged = now
+            log.error("samsara_mp: cannot write the outage spool in %s (%s); dropping the oldest "
+                      "events instead (%d now), counted as dropped_spool", self.spool.dir, error, lost)
+
+    def _count_evicted(self, own: int, inherited: int) -> None:
+        c = self.counters
+        c.spool_evicted += own
+        c.dropped_spool += own + inherited
+        c.recorded += inherited  # an earlier publisher's, never counted here before
+
+    # ---- the publish loop's side ----
+    def take(self, max_count: int, max_bytes: int) -> Batch | None:
+        """The batch to send: the one in flight (sent again), else the oldest of the spool,
+        else the oldest of the ring, moved into the in-flight slot; None when empty."""
+        with self._lock:
+            if self.in_flight is not None:
+                return self.in_flight
+            if self.spool is not None and not self.spool.empty():
+                batch = self._take_spool(max_count, max_bytes)
+                if batch is not None:
+                    return batch
+            ring = self._ring
+            if not ring:
+                return None
+            n = min(len(ring), max_count)
+            full = n < len(ring)
+            if n == len(ring):
+                payloads, nbytes = list(ring), self._bytes
+            else:
+                payloads = list(islice(ring, n))
+                nbytes = sum(map(len, payloads))
+            if nbytes > max_bytes:
+                sizes = list(accumulate(map(len, payloads)))
+                n = max(bisect_right(sizes, max_bytes), 1)
+                del payloads[n:]
+                nbytes, full = sizes[n - 1], True
+            batch = Batch(self._head_seq, payloads, self._take_owners(n), nbytes, full)
+            # Out of the ring, still buffered: the bytes stay counted until settled.
+            if n == len(ring):
+                ring.clear()
+            else:
+                deque(starmap(ring.popleft, repeat((), n)), 0)
+            self._head_seq += n
+            self._flight_since = self._oldest_since
+            self._oldest_since = self._clock() if ring else None
+            self.in_flight = batch
+            return self.in_flight
+
+    def _take_spool(self, max_count: int, max_bytes: int) -> Batch | None:
+        assert self.spool is not None
+        payloads, positions, inherited, ends = self.spool.peek(max_count, max_bytes)
+        self._count_lost_on_disk()
+        if not payloads:
+            self.spool.advance()
+            return None
+        self.in_flight = Batch(self._head_seq, payloads, full=len(payloads) >= max_count,
+                               positions=positions, inherited=inherited, ends=ends)
+        self.spool.in_flight = set(positions)
+        self._flight_since = self._clock()
+        return self.in_flight
+
+    def _count_lost_on_disk(self) -> None:
+        assert self.spool is not None
+        lost, self.spool.lost_own = self.spool.lost_own, 0
+        if lost:
+            self._count_evicted(lost, 0)
+
+    def settle(self, batch: Batch, delivered: Collection[int], rejected: Collection[int]) -> None:
+        """Count the in-flight batch's delivered and rejected events (indexes into its
+        payloads) out; the others stay in flight, in order, to be sent again."""
+        with self._lock:
+            if batch is not self.in_flight:
+                raise ValueError("settle() of a batch that is not in flight")
+            c = self.counters
+            n = len(batch.payloads)
+            if batch.positions is not None:
+                self._settle_spool(batch, delivered, rejected)
+            elif not rejected and len(delivered) == n:
+                c.delivered += n
+                for rec, k in batch.owners:
+                    if rec is not None:
+                        rec.held -= k
+                self._bytes -= batch.nbytes
+                self.in_flight = None
+            else:
+                self._settle_part(batch, set(delivered), set(rejected))
+            self._changed.notify_all()
+
+    def _settle_part(self, batch: Batch, delivered: set[int], rejected: set[int]) -> None:
+        c = self.counters
+        owners = batch.owner_list()
+        keep: list[bytes] = []
+        keep_owners: list[list[Any]] = []
+        first_kept: int | None = None
+        for i, payload in enumerate(batch.payloads):
+            rec = owners[i]
+            if i in delivered or i in rejected:
+                if i in delivered:
+                    c.delivered += 1
+                else:
+                    c.rejected += 1
+                if rec is not None:
+                    rec.held -= 1
+                self._bytes -= len(payload)
+                continue
+            if first_kept is None:
+                first_kept = batch.first_seq + i
+            keep.append(payload)
+            if keep_owners and keep_owners[-1][0] is rec:
+                keep_owners[-1][1] += 1
+            else:
+                keep_owners.append([rec, 1])
+        if keep:
+            assert first_kept is not None
+            self.in_flight = Batch(first_kept, keep, keep_owners, full=batch.full)
+        else:
+            self.in_flight = None
+
+    def _settle_spool(self, batch: Batch, delivered: Collection[int], rejected: Collection[int]) -> None:
+        assert self.spool is not None and batch.positions is not None and batch.inherited is not None
+        c = self.counters
+        delivered = set(delivered)
+        settled = sorted(delivered | set(rejected))
+        self.spool.settle_many([batch.positions[i] for i in settled])
+        for i in settled:
+            if batch.inherited[i]:
+                c.recorded += 1
+                c.spooled += 1
+                c.spool_inherited += 1
+            c.restored += 1
+            if i in delivered:
+                c.delivered += 1
+            else:
+                c.rejected += 1
+        self.spool.advance(batch.ends)
+        self._count_lost_on_disk()
+        done = set(settled)
+        left = [i for i in range(len(batch.payloads)) if i not in done]
+        if left:
+            self.in_flight = Batch(batch.first_seq, [batch.payloads[i] for i in left], full=batch.full,
+                                   positions=[batch.positions[i] for i in left],
+                                   inherited=[batch.inherited[i] for i in left], ends=batch.ends)
+        else:
+            self.in_flight = None
+        self.spool.in_flight = set(self.in_flight.positions or ()) if self.in_flight else set()
+
+    # ---- state ----
+    def __len__(self) -> int:
+        """Events buffered: in the ring and in flight."""
+        return len(self._ring) + self._flight_len()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    @property
+    def tail_seq(self) -> int:
+        """The seq the next pushed event will get."""
+        with self._lock:
+            return self._head_seq + len(self._ring)
+
+    def flushed(self, target: int) -> bool:
+        """Every event pushed before seq ``target`` has left (call under the lock via
+        :meth:`wait`, or accept a racy answer)."""
+        flight = self.in_flight
+        if flight is not None and (flight.positions is not None or flight.first_seq < target):
+            return False
+        return self._head_seq >= target and not self.spool_pending()
+
+    def ready_count(self) -> int:
+        """Events waiting in the ring (not in flight)."""
+        return len(self._ring)
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest buffered event has waited (0 when empty)."""
+        since = self._flight_since if self.in_flight is not None else self._oldest_since
+        return 0.0 if since is None else self._clock() - since
+
+    def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate()`` (called under the lock) holds, or timeout."""
+        with self._changed:
+            return bool(self._changed.wait_for(predicate, timeout))
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    # ---- the spool ----
+    def attach_spool(self, spool: SegmentLog, overflow: str) -> None:
+        """Read ``spool`` first from now on; write to it on overflow with overflow="spool"."""
+        with self._lock:
+            self.spool = spool
+            self._spill = overflow == "spool"
+
+    @property
+    def spilling(self) -> bool:
+        return self._spill
+
+    def spool_pending(self) -> bool:
+        return self.spool is not None and not self.spool.empty()
+
+    def sync_spool(self) -> None:
+        if self.spool is not None:
+            with self._lock:
+                self.spool.sync()
+
+    def close_spool(self) -> None:
+        if self.spool is not None:
+            with self._lock:
+                self.spool.close()
+
+    def drain_to(self, spool: SegmentLog | None) -> tuple[int, OSError | None]:
+        """At shutdown: move every buffered event (in flight first) to ``spool``;
+        ``(events written, error)``. What could not be written (all of it, without a
+        spool) is counted dropped_spool."""
+        with self._lock:
+            flight = self.in_flight
+            out: list[bytes] = []
+            if flight is not None and flight.positions is None:
+                out.extend(flight.payloads)
+                for rec, k in flight.owners:
+                    if rec is not None:
+                        rec.held -= k
+                self.in_flight = None
+            elif flight is not None and self.spool is not None:
+                self.in_flight = None  # still on disk: nothing to write again
+                self.spool.in_flight = set()
+            n = len(self._ring)
+            self._release_owners(n)
+            out.extend(self._pop_head(n))
+            self._bytes = 0
+            c = self.counters
+            if spool is None:
+                c.dropped_spool += len(out)
+                return 0, None
+            self.spool = spool
+            if not out:
+                return 0, None
+            try:
+                written, evicted_own, evicted_inherited, error = spool.append(out)
+            except OSError as exc:
+                written, evicted_own, evicted_inherited, error = 0, 0, 0, exc
+            c.spooled += written
+            self._count_evicted(evicted_own, evicted_inherited)
+            c.dropped_spool += len(out) - written
+            self._changed.notify_all()
+            return written, error
+
+    def snapshot(self, client_id: str | None = None) -> dict[str, Any]:
+        """Counters and fills as a plain dict; with ``client_id``, that client's own
+        numbers as the ring knows them (``client``)."""
+        with self._lock:
+            c = self.counters
+            snap: dict[str, Any] = c.as_dict()
+            spool = self.spool
+            snap.update(
+                dropped_overflow=c.dropped_buffer + c.dropped_staging,
+                buffered=len(self._ring) + self._flight_len(),
+                buffered_bytes=self._bytes,
+                in_flight=self._flight_len(),
+                max_buffer_size=self.max_size,
+                spool_pending=c.spooled - c.restored - c.spool_evicted,
+                spool_bytes=spool.nbytes if spool is not None else 0,
+                spool_segments=len(spool.segments) if spool is not None else 0,
+                spool_corrupt=spool.corrupt if spool is not None else 0,
+                spool_corrupt_bytes=spool.corrupt_bytes if spool is not None else 0,
+                head_seq=self._head_seq,
+                tail_seq=self._head_seq + len(self._ring),
+                clients_seen=len(self.ledger.clients),
+            )
+            if client_id is not None:
+                rec = self.ledger.clients.get(client_id)
+                snap["client"] = None if rec is None else {
+                    "last_seq": rec.last_seq, "taken": rec.taken, "held": rec.held, "lost": rec.lost,
+                    "dropped_staging": rec.dropped_staging, "filtered": rec.filtered,
+                    "sampled_out": rec.sampled_out, "room": self._room(rec),
+                }
+            return snap
