@@ -28,9 +28,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import ENV_PREFIX, Config, redact_url_safe
-from .errors import ChannelError, InvalidConfiguration, InvalidEvent, PublishError
+from .. import __version__
+from ..config import ENV_PREFIX, Config, redact_url_safe
+from ..errors import ChannelError, InvalidConfiguration, InvalidEvent, PublishError
 
 __all__ = ["build_parser", "main"]
 
@@ -81,7 +81,7 @@ def _add_channel_options(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------- publisher
 def _cmd_publisher(args: argparse.Namespace) -> int:
-    from .publisher import EXIT_LOST_ELECTION, PublisherProcess
+    from ..publisher import EXIT_LOST_ELECTION, PublisherProcess
 
     _configure_logging(args.log_level)
     settings: dict[str, Any] = {"idle_timeout": 0}  # a foreground publisher never idle-exits
@@ -139,7 +139,7 @@ def _status_config(args: argparse.Namespace) -> Config:
 
 
 def _fetch_stats(config: Config, timeout: float) -> dict[str, Any]:
-    from .channel import Channel
+    from ..channel import Channel
 
     conn = Channel(config).connect(timeout)
     try:
@@ -214,7 +214,7 @@ def healthy(stats: dict[str, Any]) -> bool:
 
 
 def _prometheus(channels: list[tuple[str, dict[str, Any] | None]]) -> str:
-    from .metrics import exposition
+    from ..metrics import exposition
 
     return exposition(channels)
 
@@ -281,7 +281,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _runtime_base(args: argparse.Namespace) -> Path:
-    from .channel import _base_dir
+    from ..channel import _base_dir
 
     return _base_dir(args.runtime_dir or os.environ.get(ENV_PREFIX + "RUNTIME_DIR") or None)
 
@@ -372,7 +372,7 @@ def _parse_pairs(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
-    from .client import SamsaraClient
+    from ..client import SamsaraClient
 
     try:
         event = _parse_pairs(args.fields)
@@ -411,13 +411,13 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------- ingest/demo
 def _cmd_ingest_server(args: argparse.Namespace) -> int:
-    from .ingest.__main__ import main as ingest_main
+    from ..ingest.__main__ import main as ingest_main
 
     return ingest_main(args.ingest_argv)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from ..demo import run
 
     _configure_logging(args.log_level)
     return run(args)
@@ -426,8 +426,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The full ``samsara-mp`` parser (subcommands and their options)."""
-    from .demo import add_arguments as add_demo_arguments
-    from .ingest.__main__ import build_arg_parser as ingest_parser
+    from ..demo import add_arguments as add_demo_arguments
+    from ..ingest.__main__ import build_arg_parser as ingest_parser
 
     parser = argparse.ArgumentParser(
         prog="samsara-mp",
