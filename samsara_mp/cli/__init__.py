@@ -22,25 +22,17 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..config import ENV_PREFIX, Config, redact_url_safe
 from ..errors import ChannelError, InvalidConfiguration, InvalidEvent, PublishError
-from .format import prometheus, render_stats, render_survey, watch_frame
+from ._common import EXIT_FAILURE, EXIT_NO_PUBLISHER, EXIT_OK, EXIT_USAGE, err
+from .status import cmd_status
 
 __all__ = ["build_parser", "main"]
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NO_PUBLISHER = 3
-
-# Config.build needs a url; a status query only cares about the channel.
-_PLACEHOLDER_URL = "http://127.0.0.1/"
 _LOG_FORMAT = "%(asctime)s samsara-mp[%(process)d] %(levelname)s %(message)s"
 
 # Publisher settings exposed as options: (Config key, metavar, help). Defaults
@@ -64,10 +56,6 @@ _PUBLISHER_OPTIONS: tuple[tuple[str, str, str], ...] = (
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr, format=_LOG_FORMAT)
-
-
-def _err(message: str) -> None:
-    print(f"samsara-mp: {message}", file=sys.stderr)
 
 
 def _add_channel_options(parser: argparse.ArgumentParser) -> None:
@@ -94,164 +82,30 @@ def _cmd_publisher(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.url and redact_url_safe(args.url) != args.url:
-        _err(f"warning: the credentials in --url are visible to every local user (ps); "
+        err(f"warning: the credentials in --url are visible to every local user (ps); "
              f"set {ENV_PREFIX}URL instead")
     try:
         config = Config.build(**settings)
         proc = PublisherProcess(config, owner_pid=None)
     except (InvalidConfiguration, ChannelError) as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_USAGE if isinstance(exc, InvalidConfiguration) else EXIT_FAILURE
     signal.signal(signal.SIGTERM, proc.request_stop)
     signal.signal(signal.SIGINT, proc.request_stop)
     try:
         code = proc.run()
     except (ChannelError, OSError) as exc:
-        _err(f"publisher failed: {exc}")
+        err(f"publisher failed: {exc}")
         return EXIT_FAILURE
     if code == EXIT_LOST_ELECTION:
         info = proc.channel.read_info() or {}
         holder = f" (pid {info['pid']})" if "pid" in info else ""
-        _err(
+        err(
             f"channel {proc.channel.name} already has a publisher{holder}; "
             f"not starting another (lock {proc.channel.lock_path})"
         )
         return EXIT_NO_PUBLISHER
     return code
-
-
-# ------------------------------------------------------------------- status
-def _status_config(args: argparse.Namespace) -> Config:
-    settings: dict[str, Any] = {}
-    if args.url:
-        settings["url"] = args.url
-    if args.channel:
-        settings["channel"] = args.channel
-    if args.runtime_dir:
-        settings["runtime_dir"] = args.runtime_dir
-    if "url" not in settings and ENV_PREFIX + "URL" not in os.environ:
-        if "channel" not in settings and ENV_PREFIX + "CHANNEL" not in os.environ:
-            raise InvalidConfiguration(
-                "channel", f"give --url or --channel (or set {ENV_PREFIX}URL / {ENV_PREFIX}CHANNEL)"
-            )
-        settings["url"] = _PLACEHOLDER_URL
-    return Config.build(**settings)
-
-
-def _fetch_stats(config: Config, timeout: float) -> dict[str, Any]:
-    from ..channel import Channel
-
-    conn = Channel(config).connect(timeout)
-    try:
-        stats: dict[str, Any] = conn.call("stats")
-    finally:
-        conn.close()
-    return stats
-
-
-def healthy(stats: dict[str, Any]) -> bool:
-    """A publisher whose loop runs and whose events do not wait past a few intervals;
-    ``status`` exits 1 otherwise, so a health check can act on it."""
-    return bool(stats.get("loop_alive", False)) and not stats.get("stale", False)
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    try:
-        return _status(args)
-    except KeyboardInterrupt:
-        if args.watch is None:
-            raise
-        return EXIT_OK  # Ctrl-C is how a watch ends
-
-
-def _selects_a_channel(args: argparse.Namespace) -> bool:
-    return bool(args.url or args.channel or os.environ.get(ENV_PREFIX + "URL")
-                or os.environ.get(ENV_PREFIX + "CHANNEL"))
-
-
-def _status(args: argparse.Namespace) -> int:
-    if args.format == "prometheus":
-        try:
-            import prometheus_client  # noqa: F401
-        except ImportError:
-            _err("--format prometheus needs prometheus_client: pip install 'samsara-mp[prometheus]'")
-            return EXIT_USAGE
-    if not _selects_a_channel(args):
-        return _status_all(args)
-    try:
-        config = _status_config(args)
-    except InvalidConfiguration as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    redraw = sys.stdout.isatty() and args.format == "table"
-    while True:
-        try:
-            stats = _fetch_stats(config, args.timeout)
-        except ChannelError as exc:
-            _err(str(exc))
-            return EXIT_FAILURE
-        except (OSError, EOFError) as exc:  # IPCError is an OSError
-            message = f"no publisher answers on channel {config.channel_name}: {exc}"
-            if args.watch is None:
-                _err(message)
-                if args.format == "prometheus":  # a scrape still says the publisher is down
-                    print(prometheus([(config.channel_name, None)]), end="")
-                return EXIT_NO_PUBLISHER
-            # A watch outlives publisher restarts; stdout keeps only stats (JSON lines stay JSON).
-            _err(message + "; still watching")
-        else:
-            text = render_stats(config.channel_name, stats, args.format)
-            if args.watch is None:
-                print(text)
-                return EXIT_OK if healthy(stats) else EXIT_FAILURE
-            print(watch_frame(text, args.format, redraw), flush=True)
-        time.sleep(args.watch)
-
-
-def _runtime_base(args: argparse.Namespace) -> Path:
-    from ..channel import _base_dir
-
-    return _base_dir(args.runtime_dir or os.environ.get(ENV_PREFIX + "RUNTIME_DIR") or None)
-
-
-def _survey(base: Path, timeout: float) -> list[dict[str, Any]]:
-    """One entry per channel directory under ``base``: its publisher's stats when one answers."""
-    try:
-        names = sorted(entry.name for entry in base.iterdir() if entry.is_dir())
-    except OSError:
-        return []
-    found = []
-    for name in names:
-        try:
-            config = Config.build(env={}, url=_PLACEHOLDER_URL, channel=name, runtime_dir=str(base))
-        except InvalidConfiguration:
-            continue  # not a channel's directory
-        entry: dict[str, Any] = {"channel": name, "dir": str(base / name), "running": False}
-        try:
-            stats = _fetch_stats(config, timeout)
-        except (ChannelError, OSError, EOFError) as exc:  # IPCError is an OSError
-            entry["error"] = str(exc)
-        else:
-            entry.update(running=True, publisher_pid=stats.get("publisher_pid"),
-                         uptime_s=stats.get("uptime_s"), buffered=stats.get("buffered"),
-                         last_success_at=stats.get("last_success_at"),
-                         loop_alive=stats.get("loop_alive"), stats=stats)
-        found.append(entry)
-    return found
-
-
-def _status_all(args: argparse.Namespace) -> int:
-    """``status`` with no channel: every channel under the runtime directory, at a glance."""
-    base = _runtime_base(args)
-    redraw = sys.stdout.isatty() and args.format == "table"
-    while True:
-        channels = _survey(base, args.timeout)
-        text = render_survey(base, channels, args.format)
-        if args.watch is None:
-            print(text)
-            return EXIT_OK if any(ch["running"] for ch in channels) else EXIT_NO_PUBLISHER
-        print(watch_frame(text, args.format, redraw), flush=True)
-        time.sleep(args.watch)
 
 
 # --------------------------------------------------------------------- send
@@ -277,7 +131,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
     try:
         event = _parse_pairs(args.fields)
     except ValueError as exc:
-        _err(f"send: {exc}")
+        err(f"send: {exc}")
         return EXIT_USAGE
     source_id = args.source_id or os.environ.get(ENV_PREFIX + "SOURCE_ID") or socket.gethostname()
     settings: dict[str, Any] = {"start_publishing_thread": False, "sourceId": source_id}
@@ -288,20 +142,20 @@ def _cmd_send(args: argparse.Namespace) -> int:
     try:
         client = SamsaraClient(url=args.url, **settings)
     except (InvalidConfiguration, ChannelError) as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_USAGE
     try:
         client.publish_events([event])
     except InvalidEvent as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_USAGE
     except PublishError as exc:
         if exc.status is None:
-            _err(f"could not reach the API: {exc}")
+            err(f"could not reach the API: {exc}")
         else:
-            _err(f"refused (HTTP {exc.status}): {exc}")
+            err(f"refused (HTTP {exc.status}): {exc}")
         if exc.body:
-            _err(f"API said: {exc.body}")
+            err(f"API said: {exc.body}")
         return EXIT_FAILURE
     finally:
         client.close()
@@ -381,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refresh every SECONDS (default 2) until interrupted",
     )
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
-    p.set_defaults(func=_cmd_status)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "send",
