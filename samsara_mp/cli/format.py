@@ -1,6 +1,6 @@
 """How ``samsara-mp status`` prints what it fetched: a table, JSON, or the Prometheus text format
 (written by prometheus_client through samsara_mp.metrics, as a publisher's ``/metrics`` is).
-Pure functions of the stats; cli.status fetches them and decides the exit code."""
+It only turns stats into text; cli.status fetches them and decides the exit code."""
 
 from __future__ import annotations
 
