@@ -26,7 +26,7 @@ from workers import record_many
 
 from samsara_mp import Publisher, SamsaraClient
 from samsara_mp.buffer import Batch, SharedBuffer
-from samsara_mp.cli import format_stats
+from samsara_mp.cli.format import format_stats
 from samsara_mp.config import Config
 from samsara_mp.errors import InvalidConfiguration
 from samsara_mp.ingest import IngestServer
