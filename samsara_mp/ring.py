@@ -500,7 +500,7 @@ class Ring:
                 dropped_overflow=c.dropped_buffer + c.dropped_staging,
                 buffered=len(self._ring) + self._flight_len(),
                 buffered_bytes=self._bytes,
-                in_flight=self._flight_len(),
+                in_flight=len(self.in_flight.payloads) if self.in_flight is not None else 0,
                 max_buffer_size=self.max_size,
                 spool_pending=c.spooled - c.restored - c.spool_evicted,
                 spool_bytes=spool.nbytes if spool is not None else 0,

@@ -25,12 +25,12 @@ from procs import tmpfs
 from workers import record_many
 
 from samsara_mp import Publisher, SamsaraClient
-from samsara_mp.buffer import Batch, SharedBuffer
+from samsara_mp.ring import Ring
 from samsara_mp.cli.format import format_stats
 from samsara_mp.config import Config
 from samsara_mp.errors import InvalidConfiguration
 from samsara_mp.ingest import IngestServer
-from samsara_mp.spool import SegmentSpool
+from samsara_mp._segment_log import SegmentLog
 
 FRAME = struct.Struct("<II")
 
@@ -39,7 +39,7 @@ def _invariant(s: dict[str, Any]) -> int:
     """recorded minus every way out and every place an event can be: 0 when balanced."""
     return s["recorded"] - (
         s["delivered"] + s["dropped_overflow"] + s["rejected"] + s["buffered"]
-        + (s["spooled"] - s["restored"]) + s["dropped_spool"]
+        + s["spool_pending"] + s["dropped_spool"]
     )
 
 
@@ -262,11 +262,12 @@ def test_past_spool_max_bytes_the_oldest_segments_are_dropped_and_counted(
         stats = wait_until(lambda: (s := pub.stats())["spool_pending"] == 0
                            and s["buffered"] == 0 and s, 30, "spool and buffer delivered")
     seqs = _by_source(server)["s"]
-    # The oldest went: what arrives is once and in order, and ends with everything that
-    # was on disk or in memory at the end of the outage (a batch in flight when its
-    # events were dropped may arrive too, counted back as delivered).
-    kept = held["spool_pending"] + held["buffered"]
-    assert seqs == sorted(set(seqs)) and seqs[-kept:] == list(range(10_000 - kept, 10_000))
+    # The oldest went: what arrives is once and in order: the batch that was in flight when
+    # the outage began (never dropped), then everything that was on disk or in memory.
+    flight = held["in_flight"]
+    kept = held["spool_pending"] + held["buffered"] - flight
+    assert seqs == sorted(set(seqs)) and seqs[:flight] == list(range(flight))
+    assert seqs[flight:] == list(range(10_000 - kept, 10_000))
     assert len(seqs) == 10_000 - stats["dropped_spool"] and _invariant(stats) == 0
 
 
@@ -282,39 +283,42 @@ def test_overflow_and_spool_max_bytes_are_validated_by_name() -> None:
 def test_a_next_publisher_resumes_after_what_was_delivered_and_events_in_flight_are_not_resent(
     tmp_path: Path,
 ) -> None:
-    """The spool and the buffer in this process, on real files: the cursor saved at each
-    delivery lets a restart skip what was delivered; a batch in flight whose events
-    overflow moved to disk meanwhile is not sent again from the disk."""
+    """The spool and the ring in this process, on real files: the cursor saved at each
+    delivery lets a restart skip what was delivered; a batch in flight stays in flight
+    while overflow moves what waits behind it to disk, and is sent first."""
     def events(a: int, b: int) -> list[bytes]:
         return [json.dumps({"seq": i}).encode() for i in range(a, b)]
 
-    def seqs(batch: Batch) -> list[int]:
-        return [json.loads(p)["seq"] for p in batch.payloads]
+    def seqs(payloads: list[bytes]) -> list[int]:
+        return [json.loads(p)["seq"] for p in payloads]
 
-    spool = SegmentSpool(tmp_path / "outage", 1 << 20)
+    spool = SegmentLog(tmp_path / "outage", 1 << 20)
     spool.open()
-    buf = SharedBuffer(100, spool=spool, overflow="spool")
+    buf = Ring(100, spool=spool, overflow="spool")
     buf.push(events(0, 100))
-    in_flight = buf.peek(50, 1 << 20)  # 0..49 sent...
-    buf.push(events(100, 1_100))  # ...while overflow moves 0..999 to disk
-    buf.commit(in_flight, range(50), [])  # 0..49 delivered after all
-    got = seqs(in_flight)
-    batch = buf.peek_spool(300, 1 << 20)
-    assert seqs(batch)[0] == 50  # not 0: those are settled
-    buf.commit(batch, range(len(batch.payloads)), [])
-    got += seqs(batch)
+    in_flight = buf.take(50, 1 << 20)  # 0..49 sent...
+    assert in_flight is not None
+    buf.push(events(100, 1_100))  # ...while overflow moves 50..1049 to disk
+    buf.settle(in_flight, range(50), [])
+    got = seqs(in_flight.payloads)
+    batch = buf.take(300, 1 << 20)
+    assert batch is not None and seqs(batch.payloads)[0] == 50  # the disk's oldest, next
+    buf.settle(batch, range(len(batch.payloads)), [])
+    got += seqs(batch.payloads)
     s = buf.snapshot()
-    assert _invariant(s) == 0 and s["spooled"] == 1_000 and s["restored"] == 350
+    assert _invariant({**s}) == 0 and s["spooled"] == 1_000 and s["restored"] == 300
+    in_ring = list(buf._ring)
     buf.close_spool()
     # A next publisher (a new spool on the same directory) starts after what was delivered.
-    again = SegmentSpool(tmp_path / "outage", 1 << 20)
+    again = SegmentLog(tmp_path / "outage", 1 << 20)
     again.open()
-    buf2 = SharedBuffer(100, spool=again, overflow="spool")
+    buf2 = Ring(100, spool=again, overflow="spool")
     while buf2.spool_pending():
-        batch = buf2.peek_spool(300, 1 << 20)
-        buf2.commit(batch, range(len(batch.payloads)), [])
-        got += seqs(batch)
-    assert got == list(range(1_000))
+        batch = buf2.take(300, 1 << 20)
+        assert batch is not None
+        buf2.settle(batch, range(len(batch.payloads)), [])
+        got += seqs(batch.payloads)
+    assert got + seqs(in_ring) == list(range(1_100))
     s = buf2.snapshot()
-    assert s["spool_inherited"] == s["restored"] == s["recorded"] == 650 and _invariant(s) == 0
+    assert s["spool_inherited"] == s["restored"] == s["recorded"] == 700 and _invariant(s) == 0
     assert not list((tmp_path / "outage").glob("seg-*"))

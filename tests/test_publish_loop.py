@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
-from samsara_mp.buffer import SharedBuffer
+from samsara_mp.ring import Ring
 from samsara_mp.config import Config
 from samsara_mp.ingest import IngestServer
 from samsara_mp.publish_loop import PublishLoop
@@ -27,11 +27,11 @@ def _events(first: int, count: int) -> list[bytes]:
 def make_loop(server: IngestServer) -> Iterator[Any]:
     loops: list[PublishLoop] = []
 
-    def make(max_size: int = 100_000, **config: Any) -> tuple[PublishLoop, SharedBuffer]:
+    def make(max_size: int = 100_000, **config: Any) -> tuple[PublishLoop, Ring]:
         settings = dict(url=server.url, publish_interval=50, min_buffer_size=1, max_batch_size=100,
                         backoff_base=10, backoff_cap=50)
         settings.update(config)
-        buffer = SharedBuffer(max_size)
+        buffer = Ring(max_size)
         loop = PublishLoop(buffer, Config.build(**settings))
         loops.append(loop)
         return loop, buffer
@@ -45,37 +45,35 @@ def _seqs(server: IngestServer) -> list[int]:
     return [e["seq"] for e in server.events()]
 
 
-def test_batches_reach_the_api_in_buffer_order_with_the_next_one_prepared_in_flight(
+def test_batches_reach_the_api_in_buffer_order_and_a_failed_one_goes_first_again(
     server: IngestServer, make_loop: Any
 ) -> None:
     loop, buffer = make_loop()
     buffer.push(_events(0, 1000))
-    server.inject(status=None, count=2, latency=0.05)  # slow answers: time to prepare the next
-    server.inject(status=503, count=1)  # the third batch fails once: its prepared successor is stale
+    server.inject(status=None, count=2, latency=0.05)
+    server.inject(status=503, count=1)  # the third batch fails once: it is sent again, first
     loop.start()
     wait_until(lambda: len(buffer) == 0, 30, "the buffer to empty")
     assert _seqs(server) == list(range(1000))
-    assert loop.stats["prepared"] >= 5  # most of the 10 batches went out as prepared
     snap = buffer.snapshot()
     assert (snap["delivered"], snap["dropped_overflow"]) == (1000, 0)
 
 
-def test_a_prepared_batch_whose_events_were_dropped_in_flight_is_not_sent(
+def test_overflow_while_a_batch_is_in_flight_drops_only_what_waits_in_the_ring(
     server: IngestServer, make_loop: Any
 ) -> None:
     loop, buffer = make_loop(max_size=150, max_batch_size=50)
     buffer.push(_events(0, 150))
     server.inject(status=None, count=1, latency=1.0)
     loop.start()
-    # Batch 0-49 is in flight and the full batch 50-99 is prepared; 70 more events
-    # overflow the buffer and drop 0-69, so the prepared batch no longer starts at the head.
-    wait_until(lambda: loop._next is not None and loop._next.done(), 10, "the next batch prepared")
-    assert buffer.push(_events(150, 70)) == 70
+    # Batch 0-49 is in flight (a slow answer); 70 more events overflow the bound:
+    # 50-119 wait in the ring and the oldest 70 of them go, never the batch being sent.
+    wait_until(lambda: buffer.in_flight is not None, 10, "a batch in flight")
+    buffer.push(_events(150, 70))
     wait_until(lambda: len(buffer) == 0, 30, "the buffer to empty")
-    assert _seqs(server) == list(range(50)) + list(range(70, 220))
+    assert _seqs(server) == list(range(50)) + list(range(120, 220))
     snap = buffer.snapshot()
-    # 0-49 were dropped in flight but delivered after all; 50-69 are the only loss.
-    assert (snap["delivered"], snap["dropped_overflow"], snap["recorded"]) == (200, 20, 220)
+    assert (snap["delivered"], snap["dropped_overflow"], snap["recorded"]) == (150, 70, 220)
 
 
 def test_a_publisher_behind_sends_the_rest_at_once_not_at_the_next_interval(

@@ -23,7 +23,7 @@ from conftest import wait_until
 from procs import alive
 
 from samsara_mp import SamsaraClient
-from samsara_mp.buffer import SharedBuffer
+from samsara_mp.ring import Ring
 from samsara_mp.config import Config
 from samsara_mp.ingest import IngestServer
 from samsara_mp.publish_loop import PublishLoop
@@ -56,7 +56,7 @@ def test_the_publish_loop_survives_unexpected_errors_and_delivers_everything_onc
 ) -> None:
     config = Config.build(url=server.url, publish_interval=20, min_buffer_size=1, max_batch_size=50,
                           backoff_base=10, backoff_cap=50)
-    buffer = SharedBuffer(10_000)
+    buffer = Ring(10_000)
     loop = PublishLoop(buffer, config, transport=FailingTransport(config.endpoint, failures=3))
     caplog.set_level(logging.ERROR, logger="samsara_mp")
     loop.start()
