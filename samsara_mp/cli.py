@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import ENV_PREFIX, Config, redact_url_safe
+from ._redact import redact_url_safe
+from .config import ENV_PREFIX, Config
 from .errors import ChannelError, InvalidConfiguration, InvalidEvent, PublishError
 
 __all__ = ["build_parser", "main"]

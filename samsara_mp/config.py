@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._redact import credentials_in_path, redact_headers, redact_url, redact_url_safe
 from .errors import InvalidConfiguration
 
 __all__ = [
@@ -137,7 +138,7 @@ class Config:
         shown = {name: getattr(self, name) for name in KEYS}
         shown["url"] = redact_url(self.url)
         if self.headers:
-            shown["headers"] = {name: "***" for name in self.headers}
+            shown["headers"] = redact_headers(self.headers)
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @classmethod
@@ -424,15 +425,6 @@ def callable_path(fn: Callable[..., Any]) -> str | None:
     return path if found is fn else None
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any credentials (``user:password@``) replaced by ``***@``, for display."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc="***@" + host).geturl()
-
-
 def _env_suffix(name: str) -> str:
     if name == "sourceId":
         return "SOURCE_ID"
@@ -484,7 +476,7 @@ def _check_url(url: object) -> None:
         raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not a valid URL: {why}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not an http(s) URL with a host")
-    if "?" in url or "#" in url or _credentials_in_path(url, parts.path):
+    if "?" in url or "#" in url or credentials_in_path(url, parts.path):
         # The events go to {url}/v1/events: a query or fragment would swallow that path.
         # And a password holding an unencoded / ? # ends the host early, leaving the
         # rest (credentials included) in the path, where no redaction can find it.
@@ -492,32 +484,6 @@ def _check_url(url: object) -> None:
             "url", f"{redact_url_safe(url)!r} must be a base URL without '?' or '#', and "
             "credentials must be percent-encoded (a password's '/' as %2F, '?' as %3F, '#' as %23)",
         )
-
-
-def _credentials_in_path(url: str, path: str) -> bool:
-    """An ``@`` in the path that ends what reads as credentials whose unencoded ``/``
-    cut the host short (``https://user:12/pw@api.example.com``): before it a ``:``,
-    or after it a host name (a dot, or a port). ``https://host/@tenant/`` is a path."""
-    if "@" not in path:
-        return False
-    before, _, after = url.partition("://")[2].partition("@")
-    host = after.split("/", 1)[0]
-    return ":" in before or "." in host or ":" in host
-
-
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
-
-
-def redact_url_safe(url: str) -> str:
-    """:func:`redact_url` for a string that may not even parse as a URL: with an
-    ``@`` anywhere, everything between the scheme and its last ``@`` is hidden
-    (a password holding an unencoded ``/`` or ``#`` ends the parsed netloc early)."""
-    if "@" not in url:
-        return url
-    scheme, sep, rest = url.partition("://")
-    if not sep or not _SCHEME_RE.fullmatch(scheme):
-        return "(a URL holding '@')"
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 # Headers samsara_mp sets itself; a configured one of these would break the protocol.

@@ -19,9 +19,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ._redact import redact_url
 from .buffer import SharedBuffer
 from .channel import EXIT_LOST_ELECTION, Channel, Flock, read_config_fd
-from .config import Config, redact_url
+from .config import Config
 from .errors import ChannelError, ChannelTaken, InvalidConfiguration
 from .hooks import OutcomeHooks
 from .ipc import IPCError, Server

@@ -1,0 +1,53 @@
+"""Keeping secrets out of what samsara_mp shows: the URL's credentials and the headers' values.
+
+Used wherever a configuration reaches logs, stats, ``publisher.json`` or an error message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+__all__ = ["redact_url", "redact_url_safe", "redact_headers", "credentials_in_path"]
+
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any credentials (``user:password@``) replaced by ``***@``, for display."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc="***@" + host).geturl()
+
+
+def redact_url_safe(url: str) -> str:
+    """:func:`redact_url` for a string that may not even parse as a URL: with an
+    ``@`` anywhere, everything between the scheme and its last ``@`` is hidden
+    (a password holding an unencoded ``/`` or ``#`` ends the parsed netloc early)."""
+    if "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep or not _SCHEME_RE.fullmatch(scheme):
+        return "(a URL holding '@')"
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The header names, each value shown as ``***``."""
+    return {name: "***" for name in headers}
+
+
+def credentials_in_path(url: str, path: str) -> bool:
+    """An ``@`` in the path that ends what reads as credentials whose unencoded ``/``
+    cut the host short (``https://user:12/pw@api.example.com``): before it a ``:``,
+    or after it a host name (a dot, or a port). ``https://host/@tenant/`` is a path.
+
+    Such credentials sit where :func:`redact_url` cannot see them."""
+    if "@" not in path:
+        return False
+    before, _, after = url.partition("://")[2].partition("@")
+    host = after.split("/", 1)[0]
+    return ":" in before or "." in host or ":" in host
