@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._env import ENV_PREFIX
 from ._redact import redact_url_safe
-from .config import ENV_PREFIX, Config
+from .config import Config
 from .errors import ChannelError, InvalidConfiguration, InvalidEvent, PublishError
 
 __all__ = ["build_parser", "main"]

@@ -27,8 +27,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import process
+from ._env import ENV_PREFIX, export_to_env
 from .channel import Channel
-from .config import ENV_PREFIX, Config, export_to_env
+from .config import Config
 from .errors import ChannelError, InvalidEvent, PublishError
 from .event import EventEncoder
 from .ipc import IPCError, process_running

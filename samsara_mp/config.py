@@ -9,10 +9,7 @@ exactly (the original rounded them down to whole seconds).
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import json
-import logging
 import math
 import os
 import re
@@ -20,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._env import ENV_PREFIX, callable_path, export_to_env, read_env, resolve_callable
 from ._redact import credentials_in_path, redact_headers, redact_url, redact_url_safe
 from .errors import InvalidConfiguration
 
@@ -28,9 +26,6 @@ __all__ = [
     "callable_path",
 ]
 
-log = logging.getLogger("samsara_mp")
-
-ENV_PREFIX = "SAMSARA_MP_"
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _COMPRESSIONS = ("gzip", "none")
 # The url of a client that never sends (``disabled``, or made inside
@@ -153,15 +148,7 @@ class Config:
         # An explicit None means "not given" (the environment may fill it in),
         # except for compression, where the original SDK spelled "none" as None.
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "compression"}
-        _warn_unknown_env(env)
-        values: dict[str, Any] = {}
-        for name in KEYS:
-            if name in kwargs:
-                values[name] = kwargs[name]
-                continue
-            env_name = ENV_PREFIX + _env_suffix(name)
-            if env_name in env:
-                values[name] = _from_env(name, env[env_name], _TYPES[name])
+        values: dict[str, Any] = read_env(env, _TYPES, given=kwargs) | kwargs
         if "compression" in values and values["compression"] is None:
             values["compression"] = "none"  # the original SDK's spelling of no compression
         if ("url" not in values or values["url"] is None) and values.get("disabled") is True:
@@ -362,101 +349,6 @@ _TYPES: dict[str, str] = dict(Config.__annotations__)
 _DEFAULTS: dict[str, Any] = {name: vars(Config)[name] for name in KEYS if name in vars(Config)}
 
 
-def export_to_env(values: Mapping[str, Any]) -> None:
-    """Set ``SAMSARA_MP_<KEY>`` in this process's environment for each key (None
-    removes it), so child processes build the same configuration from it.
-
-    The environment is readable only by the process's own user
-    (``/proc/<pid>/environ`` is 0400), so a URL's credentials stay private there.
-    """
-    for key, value in values.items():
-        name = ENV_PREFIX + _env_suffix(key)
-        if callable(value):
-            path = callable_path(value)
-            if path is None:
-                log.warning(
-                    "samsara_mp: %s is a callable that other processes cannot import; processes "
-                    "started by spawn, forkserver or a subprocess will not run it: pass a "
-                    "'module:function' string", key,
-                )
-                continue
-            value = path
-        if value is None:
-            os.environ.pop(name, None)
-        elif isinstance(value, bool):
-            os.environ[name] = "true" if value else "false"
-        elif isinstance(value, Mapping):
-            os.environ[name] = json.dumps(dict(value))
-        else:
-            os.environ[name] = str(value)
-
-
-def resolve_callable(key: str, path: str) -> Callable[..., Any]:
-    """Import ``module:function`` (or ``module.function``); ``InvalidConfiguration`` naming
-    ``key`` when it is not importable or not callable."""
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise InvalidConfiguration(key, f"{path!r} is not an importable 'module:function' path")
-    try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidConfiguration(key, f"cannot import {path!r}: {exc}") from exc
-    if not callable(target):
-        raise InvalidConfiguration(key, f"{path!r} is not callable")
-    return target  # type: ignore[no-any-return]
-
-
-def callable_path(fn: Callable[..., Any]) -> str | None:
-    """``"module:qualname"`` of ``fn`` when importing it gives ``fn`` back, else None."""
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__" \
-            or "<" in qualname:
-        return None
-    path = f"{module}:{qualname}"
-    try:
-        found = resolve_callable("callable", path)
-    except InvalidConfiguration:
-        return None
-    return path if found is fn else None
-
-
-def _env_suffix(name: str) -> str:
-    if name == "sourceId":
-        return "SOURCE_ID"
-    return name.upper()
-
-
-_ENV_NAMES = frozenset(ENV_PREFIX + _env_suffix(name) for name in KEYS)
-# What Kubernetes sets in every pod for a Service named "samsara-mp": not ours.
-_SERVICE_LINK_RE = re.compile(
-    ENV_PREFIX
-    + r"(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
-)
-_warned_env: set[str] = set()
-
-
-def _warn_unknown_env(env: Mapping[str, str]) -> None:
-    """Log (once per name) a ``SAMSARA_MP_*`` variable that names no key: a typo would
-    otherwise be silently ignored."""
-    unknown = [k for k in env if k.startswith(ENV_PREFIX) and k not in _ENV_NAMES
-               and k not in _warned_env and not _SERVICE_LINK_RE.fullmatch(k)]
-    if not unknown:
-        return
-    import difflib  # here: only when something is misspelt
-
-    suffixes = sorted(n[len(ENV_PREFIX):] for n in _ENV_NAMES)
-    for name in unknown:
-        _warned_env.add(name)
-        close = difflib.get_close_matches(name[len(ENV_PREFIX):], suffixes, n=1)
-        log.warning("samsara_mp: environment variable %s is not a setting; ignored%s", name,
-                    f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else "")
-
-
 def _check_url(url: object) -> None:
     if not isinstance(url, str) or not url:
         raise InvalidConfiguration("url", "must be a non-empty string")
@@ -538,51 +430,3 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise InvalidConfiguration(name, f"must be an integer, not {value!r}")
     if value < minimum:
         raise InvalidConfiguration(name, f"must be >= {minimum}, not {value}")
-
-
-def _parse_bool(name: str, raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise InvalidConfiguration(name, f"environment value {raw!r} is not a boolean")
-
-
-_INT_RE = re.compile(r"[+-]?[0-9]+")
-
-
-def _parse_int(name: str, raw: str) -> int:
-    text = raw.strip()  # surrounding blanks, as an env file may leave them; nothing else
-    if not _INT_RE.fullmatch(text):
-        raise InvalidConfiguration(name, f"environment value {raw!r} is not an integer")
-    return int(text)
-
-
-def _parse_headers(name: str, raw: str) -> dict[str, str]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        raise InvalidConfiguration(name, "environment value is not a JSON object") from None
-    if not isinstance(value, dict):
-        raise InvalidConfiguration(name, "environment value is not a JSON object")
-    return value
-
-
-def _parse_float(name: str, raw: str) -> float:
-    try:
-        return float(raw.strip())
-    except ValueError:
-        raise InvalidConfiguration(name, f"environment value {raw!r} is not a number") from None
-
-
-def _from_env(name: str, raw: str, type_name: object) -> Any:
-    if name == "headers":
-        return _parse_headers(name, raw)
-    parsers: dict[str, Callable[[str, str], Any]] = {
-        "bool": _parse_bool, "int": _parse_int, "float": _parse_float,
-    }
-    parser = parsers.get(str(type_name))
-    if parser is not None:
-        return parser(name, raw)
-    return raw

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import process
+from .._env import ENV_PREFIX, callable_path, export_to_env
 from ..client import reset_after_fork, ship_all
-from ..config import ENV_PREFIX, KEYS, Config, callable_path, export_to_env
+from ..config import KEYS, Config
 from ..errors import ChannelError, ChannelTaken, InvalidConfiguration
 from ..ipc import IPCError
 from ..publisher import Publisher
