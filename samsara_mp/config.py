@@ -13,7 +13,7 @@ import importlib.util
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,7 +23,7 @@ from .errors import InvalidConfiguration
 
 __all__ = [
     "Config", "KEYS", "ENV_PREFIX", "OFFLINE_URL", "redact_url", "export_to_env", "resolve_callable",
-    "callable_path",
+    "callable_path", "check_keys",
 ]
 
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -142,9 +142,7 @@ class Config:
     ) -> Config:
         """Merge keyword arguments > environment > defaults, validating each key."""
         env = os.environ if env is None else env
-        for key in kwargs:
-            if key not in _KEY_SET:
-                raise InvalidConfiguration(key, "unknown configuration key")
+        check_keys(kwargs)
         # An explicit None means "not given" (the environment may fill it in),
         # except for compression, where the original SDK spelled "none" as None.
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "compression"}
@@ -163,9 +161,7 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some keys changed, validated again."""
-        for key in changes:
-            if key not in _KEY_SET:
-                raise InvalidConfiguration(key, "unknown configuration key")
+        check_keys(changes)
         new = Config(**{name: changes.get(name, getattr(self, name)) for name in KEYS})
         new._validate()
         return new
@@ -347,6 +343,13 @@ KEYS: tuple[str, ...] = tuple(Config.__annotations__)
 _KEY_SET = frozenset(KEYS)
 _TYPES: dict[str, str] = dict(Config.__annotations__)
 _DEFAULTS: dict[str, Any] = {name: vars(Config)[name] for name in KEYS if name in vars(Config)}
+
+
+def check_keys(keys: Iterable[str]) -> None:
+    """``InvalidConfiguration`` naming the first of ``keys`` that is no configuration key."""
+    for key in keys:
+        if key not in _KEY_SET:
+            raise InvalidConfiguration(key, "unknown configuration key")
 
 
 def _check_url(url: object) -> None:
