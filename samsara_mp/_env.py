@@ -1,8 +1,6 @@
-"""Settings as text, for the processes a configuration crosses into.
-
-Reads and writes the ``SAMSARA_MP_<KEY>`` variables, parsing each into its key's type, and
-turns a callable setting into the ``module:function`` path it crosses as (and back).
-"""
+"""Settings as text for other processes: ``SAMSARA_MP_<KEY>`` variables read into typed values
+(for ``Config.build``) and exported for child processes, and the ``module:function`` path a
+callable setting crosses as."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Keeping secrets out of what samsara_mp shows: the URL's credentials and the headers' values.
-
-Used wherever a configuration reaches logs, stats, ``publisher.json`` or an error message.
-"""
+"""Redaction of secrets (a URL's credentials, the headers' values) for logs, stats,
+``publisher.json`` and error messages; ``config`` words its refusals of a URL with it."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""One validated, immutable configuration, built once at the edge.
-
-Keys of the original ``samsara_sdk`` keep their names, meanings and defaults;
-new keys sit beside them. Values come from keyword arguments, then from the
-environment (``SAMSARA_MP_URL``, ``SAMSARA_MP_CHANNEL``, ``SAMSARA_MP_<KEY>``),
-then from the defaults. Millisecond settings are converted to seconds once,
-exactly (the original rounded them down to whole seconds).
-"""
+"""The one validated, immutable configuration, built once at the edge (client, CLI, integrations)
+from keyword arguments, then ``SAMSARA_MP_<KEY>`` variables, then defaults; a launched publisher
+gets it as :meth:`Config.to_dict` through a pipe, and builds it again."""
 
 from __future__ import annotations
 
@@ -46,9 +41,10 @@ class Config:
     """Every setting of a client and its publisher; build it with :meth:`build`.
 
     Immutable: :meth:`replace` makes a changed copy. A plain class rather than a
-    dataclass: ``dataclasses`` imports ``inspect``, ~13 ms of a new publisher's
-    start on this project's VM (see benchmarks/README.md, "Cold start"). The
-    keys are the annotated class attributes below, in order (:data:`KEYS`).
+    dataclass, so that a new publisher does not import ``dataclasses`` and ``inspect``
+    before it serves (benchmarks/README.md, "Cold start"). The keys are the annotated
+    class attributes below, in order (:data:`KEYS`); those of the original
+    ``samsara_sdk`` keep its names, meanings and defaults.
     """
 
     url: str
@@ -188,7 +184,7 @@ class Config:
             return value
         return resolve_callable("before_send", value)
 
-    # Derived values, converted once.
+    # Exact: the original SDK rounded milliseconds down to whole seconds.
     @property
     def endpoint(self) -> str:
         """``{url}/v1/events``, keeping any path prefix of the base URL."""
