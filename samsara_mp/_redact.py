@@ -7,9 +7,12 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-__all__ = ["redact_url", "redact_url_safe", "redact_headers", "credentials_in_path"]
+__all__ = [
+    "redact_url", "redact_url_safe", "redact_headers", "header_value_fault", "credentials_in_path",
+]
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_BAD_VALUE_CHAR_RE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 
 
 def redact_url(url: str) -> str:
@@ -36,6 +39,21 @@ def redact_url_safe(url: str) -> str:
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The header names, each value shown as ``***``."""
     return {name: "***" for name in headers}
+
+
+def header_value_fault(value: str) -> str | None:
+    """What is wrong with a header's ``value``, said without quoting it (it is secret), or None.
+
+    Past the line break or NUL, it is what requests and http.client would refuse at the
+    first POST, quoting the value in the error (and stopping every batch)."""
+    if any(c in value for c in "\r\n\0"):
+        return "holds a line break or NUL"
+    if value != value.strip():  # any blank requests' \S refuses: NBSP and NEL too
+        return "begins or ends with a blank"
+    if _BAD_VALUE_CHAR_RE.search(value):
+        return ("holds a control character or one outside Latin-1 "
+                "(an HTTP header value is visible ASCII, spaces, tabs and bytes 0x80-0xFF)")
+    return None
 
 
 def credentials_in_path(url: str, path: str) -> bool:
