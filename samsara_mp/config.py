@@ -133,9 +133,7 @@ class Config:
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @classmethod
-    def build(
-        cls, env: Mapping[str, str] | None = None, **kwargs: Any
-    ) -> Config:
+    def build(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
         """Merge keyword arguments > environment > defaults, validating each key."""
         env = os.environ if env is None else env
         check_keys(kwargs)
@@ -148,9 +146,7 @@ class Config:
         if ("url" not in values or values["url"] is None) and values.get("disabled") is True:
             values["url"] = OFFLINE_URL  # a disabled client needs no url: it never sends
         if "url" not in values or values["url"] is None:
-            raise InvalidConfiguration(
-                "url", f"missing: pass url=... or set {ENV_PREFIX}URL"
-            )
+            raise InvalidConfiguration("url", f"missing: pass url=... or set {ENV_PREFIX}URL")
         config = cls(**values)
         config._validate()
         return config
@@ -247,9 +243,7 @@ class Config:
             _check_int(name, getattr(self, name), minimum=0)
         for name in _MS_KEYS:
             if getattr(self, name) > _MAX_MS:
-                raise InvalidConfiguration(
-                    name, f"{getattr(self, name)} ms is more than {_MAX_MS} (30 days)"
-                )
+                raise InvalidConfiguration(name, f"{getattr(self, name)} ms is more than {_MAX_MS} (30 days)")
         if self.min_buffer_size > self.max_buffer_size:
             raise InvalidConfiguration(
                 "min_buffer_size",
@@ -270,22 +264,16 @@ class Config:
             raise InvalidConfiguration("backoff_cap", "must be at least backoff_base")
         _check_headers(self.headers)
         if self.compression not in _COMPRESSIONS:
-            raise InvalidConfiguration(
-                "compression", f"{self.compression!r} is not one of {_COMPRESSIONS}"
-            )
+            raise InvalidConfiguration("compression", f"{self.compression!r} is not one of {_COMPRESSIONS}")
         _check_int("compression_level", self.compression_level, minimum=1)
         if self.compression_level > 9:
             raise InvalidConfiguration("compression_level", "must be between 1 and 9")
         if self.channel is not None and (
             not isinstance(self.channel, str) or not _CHANNEL_RE.fullmatch(self.channel)
         ):
-            raise InvalidConfiguration(
-                "channel", "must be 1-64 characters of letters, digits, '_', '.', '-'"
-            )
+            raise InvalidConfiguration("channel", "must be 1-64 characters of letters, digits, '_', '.', '-'")
         if self.overflow not in ("drop", "spool"):
-            raise InvalidConfiguration(
-                "overflow", f"{self.overflow!r} is not one of 'drop', 'spool'"
-            )
+            raise InvalidConfiguration("overflow", f"{self.overflow!r} is not one of 'drop', 'spool'")
         if self.spool_max_bytes < 64 * 1024:
             raise InvalidConfiguration(
                 "spool_max_bytes", f"{self.spool_max_bytes} is less than 65536 (64 KiB)"
