@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 __all__ = [
-    "redact_url", "redact_url_safe", "redact_headers", "header_value_fault", "credentials_in_path",
+    "redact_url", "redact_url_safe", "redact_headers", "header_name_fault", "header_value_fault",
+    "split_url", "credentials_in_path",
 ]
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _BAD_VALUE_CHAR_RE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 
 
@@ -39,6 +41,34 @@ def redact_url_safe(url: str) -> str:
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The header names, each value shown as ``***``."""
     return {name: "***" for name in headers}
+
+
+def split_url(url: str) -> SplitResult:
+    """``urlsplit(url)``, its port checked; the ``ValueError`` for a URL that does not
+    parse says where or why, never what, so it can be shown with the URL's credentials in it."""
+    bad = next((i for i, c in enumerate(url) if c.isspace() or ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"holds a space or control character at position {bad} (percent-encode it)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        # The parser's message can quote a piece of the password ("Port could not be cast
+        # to integer value as 'pa'"): not given when the URL may hold credentials.
+        why = "its host or port does not parse" if "@" in url else str(exc)
+        raise ValueError(f"{redact_url_safe(url)!r} is not a valid URL: {why}") from None
+    return parts
+
+
+def header_name_fault(name: object) -> str | None:
+    """What is wrong with a header's ``name``, or None. Not echoed: a name that is not a
+    token is often a whole ``Name: secret`` line."""
+    if not isinstance(name, str):
+        return f"must be a string, not {type(name).__name__}"
+    if not _TOKEN_RE.fullmatch(name):
+        return (f"({len(name)} characters) is not a valid HTTP header name "
+                "(letters, digits and !#$%&'*+.^_`|~- only)")
+    return None
 
 
 def header_value_fault(value: str) -> str | None:

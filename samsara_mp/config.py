@@ -10,10 +10,10 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
+from . import _redact
 from ._env import ENV_PREFIX, callable_path, export_to_env, read_env, resolve_callable
-from ._redact import credentials_in_path, header_value_fault, redact_headers, redact_url, redact_url_safe
+from ._redact import redact_url
 from .errors import InvalidConfiguration
 
 __all__ = [
@@ -127,9 +127,9 @@ class Config:
     def __repr__(self) -> str:
         # Never show the URL's credentials or the headers' values, wherever a config is printed.
         shown = {name: getattr(self, name) for name in KEYS}
-        shown["url"] = redact_url(self.url)
+        shown["url"] = _redact.redact_url(self.url)
         if self.headers:
-            shown["headers"] = redact_headers(self.headers)
+            shown["headers"] = _redact.redact_headers(self.headers)
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @classmethod
@@ -339,28 +339,19 @@ def check_keys(keys: Iterable[str]) -> None:
 def _check_url(url: object) -> None:
     if not isinstance(url, str) or not url:
         raise InvalidConfiguration("url", "must be a non-empty string")
-    bad = next((i for i, c in enumerate(url) if c.isspace() or ord(c) < 32 or ord(c) == 127), None)
-    if bad is not None:
-        # Where, not what: the URL may hold credentials.
-        raise InvalidConfiguration(
-            "url", f"holds a space or control character at position {bad} (percent-encode it)"
-        )
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        parts = _redact.split_url(url)
     except ValueError as exc:
-        # The parser's message can quote a piece of the password ("Port could not be cast
-        # to integer value as 'pa'"): not given when the URL may hold credentials.
-        why = "its host or port does not parse" if "@" in url else str(exc)
-        raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not a valid URL: {why}") from None
+        raise InvalidConfiguration("url", str(exc)) from None
+    shown = _redact.redact_url_safe(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not an http(s) URL with a host")
-    if "?" in url or "#" in url or credentials_in_path(url, parts.path):
+        raise InvalidConfiguration("url", f"{shown!r} is not an http(s) URL with a host")
+    if "?" in url or "#" in url or _redact.credentials_in_path(url, parts.path):
         # The events go to {url}/v1/events: a query or fragment would swallow that path.
         # And a password holding an unencoded / ? # ends the host early, leaving the
         # rest (credentials included) in the path, where no redaction can find it.
         raise InvalidConfiguration(
-            "url", f"{redact_url_safe(url)!r} must be a base URL without '?' or '#', and "
+            "url", f"{shown!r} must be a base URL without '?' or '#', and "
             "credentials must be percent-encoded (a password's '/' as %2F, '?' as %3F, '#' as %23)",
         )
 
@@ -370,7 +361,6 @@ _RESERVED_HEADERS = frozenset(
     {"content-type", "content-encoding", "content-length", "accept", "host",
      "transfer-encoding", "x-samsara-publishedtimestamp"}
 )
-_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def _check_headers(headers: object) -> None:
@@ -381,16 +371,9 @@ def _check_headers(headers: object) -> None:
             "headers", f"must be a mapping of header names to strings, not {type(headers).__name__}"
         )
     for index, (name, value) in enumerate(headers.items()):
-        if not isinstance(name, str):
-            raise InvalidConfiguration(
-                "headers", f"header #{index + 1}'s name must be a string, not {type(name).__name__}"
-            )
-        if not _TOKEN_RE.fullmatch(name):
-            # Not echoed: a name that is not a token is often a whole "Name: secret" line.
-            raise InvalidConfiguration(
-                "headers", f"header #{index + 1}'s name ({len(name)} characters) is not a valid "
-                "HTTP header name (letters, digits and !#$%&'*+.^_`|~- only)"
-            )
+        fault = _redact.header_name_fault(name)
+        if fault is not None:
+            raise InvalidConfiguration("headers", f"header #{index + 1}'s name {fault}")
         if name.lower() in _RESERVED_HEADERS:
             raise InvalidConfiguration("headers", f"{name!r} is set by samsara_mp itself")
         # The value is secret: say what is wrong with it, never what it is.
@@ -398,7 +381,7 @@ def _check_headers(headers: object) -> None:
             raise InvalidConfiguration(
                 "headers", f"the value of {name!r} must be a string, not {type(value).__name__}"
             )
-        fault = header_value_fault(value)
+        fault = _redact.header_value_fault(value)
         if fault is not None:
             raise InvalidConfiguration("headers", f"the value of {name!r} {fault}")
 
