@@ -1,5 +1,5 @@
 """Redaction of secrets (a URL's credentials, the headers' values) for logs, stats,
-``publisher.json`` and error messages; ``config`` words its refusals of a URL with it."""
+``publisher.json`` and error messages; ``config`` words its refusals of a URL or header with it."""
 
 from __future__ import annotations
 

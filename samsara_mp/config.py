@@ -43,8 +43,8 @@ class Config:
     Immutable: :meth:`replace` makes a changed copy. A plain class rather than a
     dataclass, so that a new publisher does not import ``dataclasses`` and ``inspect``
     before it serves (benchmarks/README.md, "Cold start"). The keys are the annotated
-    class attributes below, in order (:data:`KEYS`); those of the original
-    ``samsara_sdk`` keep its names, meanings and defaults.
+    class attributes below, in order (:data:`KEYS`); the first nine, the original
+    ``samsara_sdk``'s, keep its names, meanings and defaults.
     """
 
     url: str
@@ -56,7 +56,6 @@ class Config:
     send_timeout: int = 30_000
     compression: str = "gzip"
     send_client_stats: bool = True
-    # New keys.
     channel: str | None = None
     runtime_dir: str | None = None
     compression_level: int = 1
@@ -94,7 +93,6 @@ class Config:
     headers: Mapping[str, str] | None = None
 
     def __init__(self, **values: Any) -> None:
-        # Every key given or defaulted; the only required one is url.
         for name in KEYS:
             if name in values:
                 value = values.pop(name)
@@ -322,7 +320,7 @@ class Config:
                 raise InvalidConfiguration(name, "must be a non-empty path string or None")
 
 
-# The configuration's keys in order, their defaults and their annotations (strings).
+# Annotations are strings (future annotations): _env parses a variable by its key's type name.
 KEYS: tuple[str, ...] = tuple(Config.__annotations__)
 _KEY_SET = frozenset(KEYS)
 _TYPES: dict[str, str] = dict(Config.__annotations__)
