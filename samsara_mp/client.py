@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import process
+from ._env import ENV_PREFIX, export_to_env
 from ._flush import Flush
 from ._link import Link
 from ._shipper import Shipper
 from ._staging import Staging
 from .channel import Channel
-from .config import ENV_PREFIX, Config, export_to_env
+from .config import Config
 from .errors import ChannelError, InvalidEvent, PublishError
 from .event import EventEncoder
 from .ipc import IPCError

@@ -1,35 +1,26 @@
-"""One validated, immutable configuration, built once at the edge.
-
-Keys of the original ``samsara_sdk`` keep their names, meanings and defaults;
-new keys sit beside them. Values come from keyword arguments, then from the
-environment (``SAMSARA_MP_URL``, ``SAMSARA_MP_CHANNEL``, ``SAMSARA_MP_<KEY>``),
-then from the defaults. Millisecond settings are converted to seconds once,
-exactly (the original rounded them down to whole seconds).
-"""
+"""The one validated, immutable configuration, built once at the edge (client, CLI, integrations)
+from keyword arguments, then ``SAMSARA_MP_<KEY>`` variables, then defaults; a launched publisher
+gets it as :meth:`Config.to_dict` through a pipe, and builds it again."""
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import json
-import logging
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
+from . import _redact
+from ._env import ENV_PREFIX, callable_path, export_to_env, read_env, resolve_callable
+from ._redact import redact_url
 from .errors import InvalidConfiguration
 
 __all__ = [
     "Config", "KEYS", "ENV_PREFIX", "OFFLINE_URL", "redact_url", "export_to_env", "resolve_callable",
-    "callable_path",
+    "callable_path", "check_keys",
 ]
 
-log = logging.getLogger("samsara_mp")
-
-ENV_PREFIX = "SAMSARA_MP_"
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _COMPRESSIONS = ("gzip", "none")
 # The url of a client that never sends (``disabled``, or made inside
@@ -50,9 +41,10 @@ class Config:
     """Every setting of a client and its publisher; build it with :meth:`build`.
 
     Immutable: :meth:`replace` makes a changed copy. A plain class rather than a
-    dataclass: ``dataclasses`` imports ``inspect``, ~13 ms of a new publisher's
-    start on this project's VM (see benchmarks/README.md, "Cold start"). The
-    keys are the annotated class attributes below, in order (:data:`KEYS`).
+    dataclass, so that a new publisher does not import ``dataclasses`` and ``inspect``
+    before it serves (benchmarks/README.md, "Cold start"). The keys are the annotated
+    class attributes below, in order (:data:`KEYS`); the first nine, the original
+    ``samsara_sdk``'s, keep its names, meanings and defaults.
     """
 
     url: str
@@ -64,7 +56,6 @@ class Config:
     send_timeout: int = 30_000
     compression: str = "gzip"
     send_client_stats: bool = True
-    # New keys.
     channel: str | None = None
     runtime_dir: str | None = None
     compression_level: int = 1
@@ -102,7 +93,6 @@ class Config:
     headers: Mapping[str, str] | None = None
 
     def __init__(self, **values: Any) -> None:
-        # Every key given or defaulted; the only required one is url.
         for name in KEYS:
             if name in values:
                 value = values.pop(name)
@@ -135,49 +125,33 @@ class Config:
     def __repr__(self) -> str:
         # Never show the URL's credentials or the headers' values, wherever a config is printed.
         shown = {name: getattr(self, name) for name in KEYS}
-        shown["url"] = redact_url(self.url)
+        shown["url"] = _redact.redact_url(self.url)
         if self.headers:
-            shown["headers"] = {name: "***" for name in self.headers}
+            shown["headers"] = _redact.redact_headers(self.headers)
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @classmethod
-    def build(
-        cls, env: Mapping[str, str] | None = None, **kwargs: Any
-    ) -> Config:
+    def build(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
         """Merge keyword arguments > environment > defaults, validating each key."""
         env = os.environ if env is None else env
-        for key in kwargs:
-            if key not in _KEY_SET:
-                raise InvalidConfiguration(key, "unknown configuration key")
+        check_keys(kwargs)
         # An explicit None means "not given" (the environment may fill it in),
         # except for compression, where the original SDK spelled "none" as None.
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "compression"}
-        _warn_unknown_env(env)
-        values: dict[str, Any] = {}
-        for name in KEYS:
-            if name in kwargs:
-                values[name] = kwargs[name]
-                continue
-            env_name = ENV_PREFIX + _env_suffix(name)
-            if env_name in env:
-                values[name] = _from_env(name, env[env_name], _TYPES[name])
+        values: dict[str, Any] = read_env(env, _TYPES, given=kwargs) | kwargs
         if "compression" in values and values["compression"] is None:
             values["compression"] = "none"  # the original SDK's spelling of no compression
         if ("url" not in values or values["url"] is None) and values.get("disabled") is True:
             values["url"] = OFFLINE_URL  # a disabled client needs no url: it never sends
         if "url" not in values or values["url"] is None:
-            raise InvalidConfiguration(
-                "url", f"missing: pass url=... or set {ENV_PREFIX}URL"
-            )
+            raise InvalidConfiguration("url", f"missing: pass url=... or set {ENV_PREFIX}URL")
         config = cls(**values)
         config._validate()
         return config
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some keys changed, validated again."""
-        for key in changes:
-            if key not in _KEY_SET:
-                raise InvalidConfiguration(key, "unknown configuration key")
+        check_keys(changes)
         new = Config(**{name: changes.get(name, getattr(self, name)) for name in KEYS})
         new._validate()
         return new
@@ -204,7 +178,7 @@ class Config:
             return value
         return resolve_callable("before_send", value)
 
-    # Derived values, converted once.
+    # Exact: the original SDK rounded milliseconds down to whole seconds.
     @property
     def endpoint(self) -> str:
         """``{url}/v1/events``, keeping any path prefix of the base URL."""
@@ -267,9 +241,7 @@ class Config:
             _check_int(name, getattr(self, name), minimum=0)
         for name in _MS_KEYS:
             if getattr(self, name) > _MAX_MS:
-                raise InvalidConfiguration(
-                    name, f"{getattr(self, name)} ms is more than {_MAX_MS} (30 days)"
-                )
+                raise InvalidConfiguration(name, f"{getattr(self, name)} ms is more than {_MAX_MS} (30 days)")
         if self.min_buffer_size > self.max_buffer_size:
             raise InvalidConfiguration(
                 "min_buffer_size",
@@ -290,22 +262,16 @@ class Config:
             raise InvalidConfiguration("backoff_cap", "must be at least backoff_base")
         _check_headers(self.headers)
         if self.compression not in _COMPRESSIONS:
-            raise InvalidConfiguration(
-                "compression", f"{self.compression!r} is not one of {_COMPRESSIONS}"
-            )
+            raise InvalidConfiguration("compression", f"{self.compression!r} is not one of {_COMPRESSIONS}")
         _check_int("compression_level", self.compression_level, minimum=1)
         if self.compression_level > 9:
             raise InvalidConfiguration("compression_level", "must be between 1 and 9")
         if self.channel is not None and (
             not isinstance(self.channel, str) or not _CHANNEL_RE.fullmatch(self.channel)
         ):
-            raise InvalidConfiguration(
-                "channel", "must be 1-64 characters of letters, digits, '_', '.', '-'"
-            )
+            raise InvalidConfiguration("channel", "must be 1-64 characters of letters, digits, '_', '.', '-'")
         if self.overflow not in ("drop", "spool"):
-            raise InvalidConfiguration(
-                "overflow", f"{self.overflow!r} is not one of 'drop', 'spool'"
-            )
+            raise InvalidConfiguration("overflow", f"{self.overflow!r} is not one of 'drop', 'spool'")
         if self.spool_max_bytes < 64 * 1024:
             raise InvalidConfiguration(
                 "spool_max_bytes", f"{self.spool_max_bytes} is less than 65536 (64 KiB)"
@@ -354,170 +320,38 @@ class Config:
                 raise InvalidConfiguration(name, "must be a non-empty path string or None")
 
 
-# The configuration's keys in order, their defaults and their annotations (strings).
+# Annotations are strings (future annotations): _env parses a variable by its key's type name.
 KEYS: tuple[str, ...] = tuple(Config.__annotations__)
 _KEY_SET = frozenset(KEYS)
 _TYPES: dict[str, str] = dict(Config.__annotations__)
 _DEFAULTS: dict[str, Any] = {name: vars(Config)[name] for name in KEYS if name in vars(Config)}
 
 
-def export_to_env(values: Mapping[str, Any]) -> None:
-    """Set ``SAMSARA_MP_<KEY>`` in this process's environment for each key (None
-    removes it), so child processes build the same configuration from it.
-
-    The environment is readable only by the process's own user
-    (``/proc/<pid>/environ`` is 0400), so a URL's credentials stay private there.
-    """
-    for key, value in values.items():
-        name = ENV_PREFIX + _env_suffix(key)
-        if callable(value):
-            path = callable_path(value)
-            if path is None:
-                log.warning(
-                    "samsara_mp: %s is a callable that other processes cannot import; processes "
-                    "started by spawn, forkserver or a subprocess will not run it: pass a "
-                    "'module:function' string", key,
-                )
-                continue
-            value = path
-        if value is None:
-            os.environ.pop(name, None)
-        elif isinstance(value, bool):
-            os.environ[name] = "true" if value else "false"
-        elif isinstance(value, Mapping):
-            os.environ[name] = json.dumps(dict(value))
-        else:
-            os.environ[name] = str(value)
-
-
-def resolve_callable(key: str, path: str) -> Callable[..., Any]:
-    """Import ``module:function`` (or ``module.function``); ``InvalidConfiguration`` naming
-    ``key`` when it is not importable or not callable."""
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise InvalidConfiguration(key, f"{path!r} is not an importable 'module:function' path")
-    try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidConfiguration(key, f"cannot import {path!r}: {exc}") from exc
-    if not callable(target):
-        raise InvalidConfiguration(key, f"{path!r} is not callable")
-    return target  # type: ignore[no-any-return]
-
-
-def callable_path(fn: Callable[..., Any]) -> str | None:
-    """``"module:qualname"`` of ``fn`` when importing it gives ``fn`` back, else None."""
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__" \
-            or "<" in qualname:
-        return None
-    path = f"{module}:{qualname}"
-    try:
-        found = resolve_callable("callable", path)
-    except InvalidConfiguration:
-        return None
-    return path if found is fn else None
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any credentials (``user:password@``) replaced by ``***@``, for display."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc="***@" + host).geturl()
-
-
-def _env_suffix(name: str) -> str:
-    if name == "sourceId":
-        return "SOURCE_ID"
-    return name.upper()
-
-
-_ENV_NAMES = frozenset(ENV_PREFIX + _env_suffix(name) for name in KEYS)
-# What Kubernetes sets in every pod for a Service named "samsara-mp": not ours.
-_SERVICE_LINK_RE = re.compile(
-    ENV_PREFIX
-    + r"(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
-)
-_warned_env: set[str] = set()
-
-
-def _warn_unknown_env(env: Mapping[str, str]) -> None:
-    """Log (once per name) a ``SAMSARA_MP_*`` variable that names no key: a typo would
-    otherwise be silently ignored."""
-    unknown = [k for k in env if k.startswith(ENV_PREFIX) and k not in _ENV_NAMES
-               and k not in _warned_env and not _SERVICE_LINK_RE.fullmatch(k)]
-    if not unknown:
-        return
-    import difflib  # here: only when something is misspelt
-
-    suffixes = sorted(n[len(ENV_PREFIX):] for n in _ENV_NAMES)
-    for name in unknown:
-        _warned_env.add(name)
-        close = difflib.get_close_matches(name[len(ENV_PREFIX):], suffixes, n=1)
-        log.warning("samsara_mp: environment variable %s is not a setting; ignored%s", name,
-                    f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else "")
+def check_keys(keys: Iterable[str]) -> None:
+    """``InvalidConfiguration`` naming the first of ``keys`` that is no configuration key."""
+    for key in keys:
+        if key not in _KEY_SET:
+            raise InvalidConfiguration(key, "unknown configuration key")
 
 
 def _check_url(url: object) -> None:
     if not isinstance(url, str) or not url:
         raise InvalidConfiguration("url", "must be a non-empty string")
-    bad = next((i for i, c in enumerate(url) if c.isspace() or ord(c) < 32 or ord(c) == 127), None)
-    if bad is not None:
-        # Where, not what: the URL may hold credentials.
-        raise InvalidConfiguration(
-            "url", f"holds a space or control character at position {bad} (percent-encode it)"
-        )
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        parts = _redact.split_url(url)
     except ValueError as exc:
-        # The parser's message can quote a piece of the password ("Port could not be cast
-        # to integer value as 'pa'"): not given when the URL may hold credentials.
-        why = "its host or port does not parse" if "@" in url else str(exc)
-        raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not a valid URL: {why}") from None
+        raise InvalidConfiguration("url", str(exc)) from None
+    shown = _redact.redact_url_safe(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidConfiguration("url", f"{redact_url_safe(url)!r} is not an http(s) URL with a host")
-    if "?" in url or "#" in url or _credentials_in_path(url, parts.path):
+        raise InvalidConfiguration("url", f"{shown!r} is not an http(s) URL with a host")
+    if "?" in url or "#" in url or _redact.credentials_in_path(url, parts.path):
         # The events go to {url}/v1/events: a query or fragment would swallow that path.
         # And a password holding an unencoded / ? # ends the host early, leaving the
         # rest (credentials included) in the path, where no redaction can find it.
         raise InvalidConfiguration(
-            "url", f"{redact_url_safe(url)!r} must be a base URL without '?' or '#', and "
+            "url", f"{shown!r} must be a base URL without '?' or '#', and "
             "credentials must be percent-encoded (a password's '/' as %2F, '?' as %3F, '#' as %23)",
         )
-
-
-def _credentials_in_path(url: str, path: str) -> bool:
-    """An ``@`` in the path that ends what reads as credentials whose unencoded ``/``
-    cut the host short (``https://user:12/pw@api.example.com``): before it a ``:``,
-    or after it a host name (a dot, or a port). ``https://host/@tenant/`` is a path."""
-    if "@" not in path:
-        return False
-    before, _, after = url.partition("://")[2].partition("@")
-    host = after.split("/", 1)[0]
-    return ":" in before or "." in host or ":" in host
-
-
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
-
-
-def redact_url_safe(url: str) -> str:
-    """:func:`redact_url` for a string that may not even parse as a URL: with an
-    ``@`` anywhere, everything between the scheme and its last ``@`` is hidden
-    (a password holding an unencoded ``/`` or ``#`` ends the parsed netloc early)."""
-    if "@" not in url:
-        return url
-    scheme, sep, rest = url.partition("://")
-    if not sep or not _SCHEME_RE.fullmatch(scheme):
-        return "(a URL holding '@')"
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 # Headers samsara_mp sets itself; a configured one of these would break the protocol.
@@ -525,8 +359,6 @@ _RESERVED_HEADERS = frozenset(
     {"content-type", "content-encoding", "content-length", "accept", "host",
      "transfer-encoding", "x-samsara-publishedtimestamp"}
 )
-_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_BAD_VALUE_CHAR_RE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 
 
 def _check_headers(headers: object) -> None:
@@ -537,16 +369,9 @@ def _check_headers(headers: object) -> None:
             "headers", f"must be a mapping of header names to strings, not {type(headers).__name__}"
         )
     for index, (name, value) in enumerate(headers.items()):
-        if not isinstance(name, str):
-            raise InvalidConfiguration(
-                "headers", f"header #{index + 1}'s name must be a string, not {type(name).__name__}"
-            )
-        if not _TOKEN_RE.fullmatch(name):
-            # Not echoed: a name that is not a token is often a whole "Name: secret" line.
-            raise InvalidConfiguration(
-                "headers", f"header #{index + 1}'s name ({len(name)} characters) is not a valid "
-                "HTTP header name (letters, digits and !#$%&'*+.^_`|~- only)"
-            )
+        fault = _redact.header_name_fault(name)
+        if fault is not None:
+            raise InvalidConfiguration("headers", f"header #{index + 1}'s name {fault}")
         if name.lower() in _RESERVED_HEADERS:
             raise InvalidConfiguration("headers", f"{name!r} is set by samsara_mp itself")
         # The value is secret: say what is wrong with it, never what it is.
@@ -554,17 +379,9 @@ def _check_headers(headers: object) -> None:
             raise InvalidConfiguration(
                 "headers", f"the value of {name!r} must be a string, not {type(value).__name__}"
             )
-        if any(c in value for c in "\r\n\0"):
-            raise InvalidConfiguration("headers", f"the value of {name!r} holds a line break or NUL")
-        # What requests and http.client would refuse at the first POST, quoting the
-        # value in the error (and stopping every batch): refused here, unquoted.
-        if value != value.strip():  # any blank requests' \S refuses: NBSP and NEL too
-            raise InvalidConfiguration("headers", f"the value of {name!r} begins or ends with a blank")
-        if _BAD_VALUE_CHAR_RE.search(value):
-            raise InvalidConfiguration(
-                "headers", f"the value of {name!r} holds a control character or one outside Latin-1 "
-                "(an HTTP header value is visible ASCII, spaces, tabs and bytes 0x80-0xFF)"
-            )
+        fault = _redact.header_value_fault(value)
+        if fault is not None:
+            raise InvalidConfiguration("headers", f"the value of {name!r} {fault}")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -572,51 +389,3 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise InvalidConfiguration(name, f"must be an integer, not {value!r}")
     if value < minimum:
         raise InvalidConfiguration(name, f"must be >= {minimum}, not {value}")
-
-
-def _parse_bool(name: str, raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise InvalidConfiguration(name, f"environment value {raw!r} is not a boolean")
-
-
-_INT_RE = re.compile(r"[+-]?[0-9]+")
-
-
-def _parse_int(name: str, raw: str) -> int:
-    text = raw.strip()  # surrounding blanks, as an env file may leave them; nothing else
-    if not _INT_RE.fullmatch(text):
-        raise InvalidConfiguration(name, f"environment value {raw!r} is not an integer")
-    return int(text)
-
-
-def _parse_headers(name: str, raw: str) -> dict[str, str]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        raise InvalidConfiguration(name, "environment value is not a JSON object") from None
-    if not isinstance(value, dict):
-        raise InvalidConfiguration(name, "environment value is not a JSON object")
-    return value
-
-
-def _parse_float(name: str, raw: str) -> float:
-    try:
-        return float(raw.strip())
-    except ValueError:
-        raise InvalidConfiguration(name, f"environment value {raw!r} is not a number") from None
-
-
-def _from_env(name: str, raw: str, type_name: object) -> Any:
-    if name == "headers":
-        return _parse_headers(name, raw)
-    parsers: dict[str, Callable[[str, str], Any]] = {
-        "bool": _parse_bool, "int": _parse_int, "float": _parse_float,
-    }
-    parser = parsers.get(str(type_name))
-    if parser is not None:
-        return parser(name, raw)
-    return raw

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import redact_url
+from ._redact import redact_url
 from .retry import is_redirect_status, is_retryable_status, parse_retry_after
 from .transport import Body, HTTPAnswer, Transport, TransportError
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .config import resolve_callable
+from ._env import resolve_callable
 
 if TYPE_CHECKING:
     from .delivery import Outcome

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._procfs import process_running
+from ._redact import redact_url
 from ._segment_log import SegmentLog
 from .channel import EXIT_LOST_ELECTION, Channel, Flock, ensure_private_dir, read_config_fd
-from .config import Config, redact_url
+from .config import Config
 from .errors import ChannelError, ChannelTaken, InvalidConfiguration
 from .hooks import OutcomeHooks
 from .ipc import IPCError, Server

@@ -8,11 +8,11 @@ import os
 import signal
 from typing import Any
 
+from conftest import wait_until
+
 from samsara_mp import SamsaraClient
 from samsara_mp.ledger import unaccounted
 from samsara_mp.ring import Ring
-
-from conftest import wait_until
 
 
 def _burst(client: SamsaraClient, worker: int, n: int, out: Any) -> None:
@@ -87,8 +87,8 @@ def test_burst_of_spawned_workers_with_own_clients_at_the_defaults(server: Any, 
 
 def test_flush_is_false_when_staging_dropped_events(server: Any, runtime_dir: str) -> None:
     # A staging of 100 events, and no publisher reachable while 300 are recorded.
-    config = {"url": server.url, "channel": "tiny", "runtime_dir": runtime_dir, "staging_size": 100, "sourceId": "s",
-              "start_publishing_thread": False}
+    config = {"url": server.url, "channel": "tiny", "runtime_dir": runtime_dir, "staging_size": 100,
+              "sourceId": "s", "start_publishing_thread": False}
     with SamsaraClient(**config) as client:
         for seq in range(300):
             client.record_event(eventName="e", seq=seq)

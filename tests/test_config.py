@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+import samsara_mp._env
 import samsara_mp.config
 from samsara_mp import Config, InvalidConfiguration, SamsaraClient
 
@@ -197,7 +198,7 @@ def test_a_misspelt_environment_variable_is_logged_once_with_a_suggestion(
            # Kubernetes' links for a Service named samsara-mp: not settings, never warned of.
            "SAMSARA_MP_SERVICE_HOST": "10.0.0.1", "SAMSARA_MP_SERVICE_PORT": "80",
            "SAMSARA_MP_PORT": "tcp://10.0.0.1:80", "SAMSARA_MP_PORT_80_TCP_ADDR": "10.0.0.1"}
-    samsara_mp.config._warned_env.clear()
+    samsara_mp._env._warned_env.clear()
     with caplog.at_level("WARNING", logger="samsara_mp"):
         Config.build(env=env)
         Config.build(env=env)

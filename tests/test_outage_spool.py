@@ -25,12 +25,12 @@ from procs import tmpfs
 from workers import record_many
 
 from samsara_mp import Publisher, SamsaraClient
-from samsara_mp.ring import Ring
+from samsara_mp._segment_log import SegmentLog
 from samsara_mp.cli.format import format_stats
 from samsara_mp.config import Config
 from samsara_mp.errors import InvalidConfiguration
 from samsara_mp.ingest import IngestServer
-from samsara_mp._segment_log import SegmentLog
+from samsara_mp.ring import Ring
 
 FRAME = struct.Struct("<II")
 

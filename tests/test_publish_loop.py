@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
-from samsara_mp.ring import Ring
 from samsara_mp.config import Config
 from samsara_mp.ingest import IngestServer
 from samsara_mp.publish_loop import PublishLoop
+from samsara_mp.ring import Ring
 
 
 def _events(first: int, count: int) -> list[bytes]:

@@ -8,7 +8,7 @@ import pytest
 from conftest import wait_until
 
 from samsara_mp import Publisher, PublishError, SamsaraClient
-from samsara_mp.config import redact_url
+from samsara_mp._redact import redact_url
 from samsara_mp.ingest import IngestServer
 
 

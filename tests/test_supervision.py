@@ -23,11 +23,11 @@ from conftest import wait_until
 from procs import alive
 
 from samsara_mp import SamsaraClient
-from samsara_mp.ring import Ring
 from samsara_mp.config import Config
 from samsara_mp.ingest import IngestServer
 from samsara_mp.publish_loop import PublishLoop
 from samsara_mp.publisher import PublisherProcess
+from samsara_mp.ring import Ring
 from samsara_mp.supervise import GIVE_UP_AFTER
 from samsara_mp.transport import Body, HTTPAnswer, Transport
 

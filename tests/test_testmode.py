@@ -20,7 +20,8 @@ import pytest
 from conftest import wait_until
 
 from samsara_mp import InvalidConfiguration, InvalidEvent, SamsaraClient, get_client
-from samsara_mp.config import Config, export_to_env
+from samsara_mp._env import export_to_env
+from samsara_mp.config import Config
 from samsara_mp.ingest import IngestServer
 from samsara_mp.testing import capture_events
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..config import ENV_PREFIX
+from .._env import ENV_PREFIX
 from ._common import EXIT_OK
 from .commands import PUBLISHER_OPTIONS, cmd_demo, cmd_ingest_server, cmd_publisher, cmd_send
 from .status import cmd_status

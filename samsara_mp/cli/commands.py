@@ -14,7 +14,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import ENV_PREFIX, Config, redact_url_safe
+from .._env import ENV_PREFIX
+from .._redact import redact_url_safe
+from ..config import Config
 from ..errors import ChannelError, InvalidConfiguration, InvalidEvent, PublishError
 from ._common import EXIT_FAILURE, EXIT_NO_PUBLISHER, EXIT_OK, EXIT_USAGE, err
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import ENV_PREFIX, Config
+from .._env import ENV_PREFIX
+from ..config import Config
 from ..errors import ChannelError, InvalidConfiguration
 from ._common import EXIT_FAILURE, EXIT_NO_PUBLISHER, EXIT_OK, EXIT_USAGE, err
 from .format import prometheus, render_stats, render_survey, watch_frame

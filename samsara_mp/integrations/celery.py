@@ -53,7 +53,7 @@ from .. import (
     process,
     ship_all,
 )
-from ..config import KEYS
+from ..config import check_keys
 
 __all__ = ["setup", "teardown"]
 
@@ -107,10 +107,7 @@ def setup(
       ``worker_process_shutdown`` (and the main process on ``worker_shutdown``);
       by default the configuration's ``exit_timeout``.
     """
-    known = set(KEYS)
-    for key in config:
-        if key not in known:
-            raise InvalidConfiguration(key, "unknown configuration key")
+    check_keys(config)
     for name, value in (("ship_timeout", ship_timeout), ("close_timeout", close_timeout)):
         if name == "close_timeout" and value is None:
             continue

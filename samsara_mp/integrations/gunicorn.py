@@ -22,8 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import process
+from .._env import ENV_PREFIX, callable_path, export_to_env
 from ..client import reset_after_fork, ship_all
-from ..config import ENV_PREFIX, KEYS, Config, callable_path, export_to_env
+from ..config import Config, check_keys
 from ..errors import ChannelError, ChannelTaken, InvalidConfiguration
 from ..ipc import IPCError
 from ..publisher import Publisher
@@ -39,7 +40,6 @@ __all__ = [
     "publisher",
 ]
 
-_CONFIG_KEYS = frozenset(KEYS)
 # A valid stand-in, used only to validate settings before the url is known.
 _PLACEHOLDER_URL = "http://127.0.0.1/"
 
@@ -67,9 +67,7 @@ def configure(**config: Any) -> None:
     """
     global _exit_timeout
     process.expect_owner()
-    for key in config:
-        if key not in _CONFIG_KEYS:
-            raise InvalidConfiguration(key, "unknown configuration key")
+    check_keys(config)
     given = {k: v for k, v in config.items() if v is not None}
     Config.build(**({"url": os.environ.get(ENV_PREFIX + "URL", _PLACEHOLDER_URL)} | given))
     hook = config.get("before_send")
