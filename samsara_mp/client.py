@@ -27,11 +27,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import process
+from ._procfs import process_running
 from .channel import Channel
 from .config import ENV_PREFIX, Config, export_to_env
 from .errors import ChannelError, InvalidEvent, PublishError
 from .event import EventEncoder
-from .ipc import IPCError, process_running
+from .ipc import IPCError
 from .process import close_all, reset_after_fork, ship_all  # re-exported
 from .shipper import Shipper
 from .staging import Staging

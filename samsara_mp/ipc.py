@@ -39,6 +39,8 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ._procfs import process_start
+
 try:  # CPython's own BLAKE2, never OpenSSL's: see _mac()
     from _blake2 import blake2b
 except ImportError:  # pragma: no cover - an interpreter without the _blake2 module
@@ -63,41 +65,6 @@ class IPCTimeout(IPCError, TimeoutError):
 class Refused(IPCError):
     """The publisher answered the request with an error: it did not carry it out
     (a push it refuses, shutting down say, is not in its buffer)."""
-
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """/proc/<pid>/stat after the command name (state first), None when unreadable."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def process_start(pid: int) -> int | None:
-    """The start time of process ``pid`` (clock ticks since boot), None when unknown."""
-    fields = _stat_fields(pid)
-    try:
-        return int(fields[19]) if fields is not None else None
-    except (IndexError, ValueError):
-        return None
-
-
-def process_running(pid: int, start: int | None) -> bool:
-    """Process ``pid`` (started at ``start``, when known) exists and has not ended."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    fields = _stat_fields(pid)
-    if fields is None:
-        return True  # no /proc here: it exists
-    try:
-        return fields[0] != b"Z" and (start is None or int(fields[19]) == start)
-    except (IndexError, ValueError):
-        return True
 
 
 class TimedConnection(Connection):
