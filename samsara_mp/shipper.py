@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from .channel import Channel, Launch
 from .config import Config
 from .errors import ChannelError
-from .ipc import IPCError, IPCTimeout, Refused, TimedConnection
+from .ipc import Connection, IPCError, IPCTimeout, Refused
 from .staging import Push, Staging
 
 __all__ = ["Shipper", "Holder", "INLINE_BUDGET"]
@@ -66,7 +66,7 @@ class Shipper:
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.thread_errors = 0
-        self.conn: TimedConnection | None = None
+        self.conn: Connection | None = None
         self.pending: Push | None = None
         self.awaiting = False  # pending was written inline; its answer is not read yet
         self.was_sent = False  # whether an inline push awaiting its answer was sent before
@@ -76,7 +76,7 @@ class Shipper:
         # flush() waits on a connection of its own (a wait out of a Retry-After can be
         # long), opened at the first flush and kept, so that the wait never holds ``conn``.
         self.flush_lock = threading.Lock()
-        self.flush_conn: TimedConnection | None = None
+        self.flush_conn: Connection | None = None
         self.retired = False  # close() ran: no connection is kept open from now on
         # The publishers (by instance id) that took pushes no flush has answered for
         # yet: the number of the last push each took, and its process (pid, start
@@ -88,7 +88,7 @@ class Shipper:
         # may flush while the code it interrupted settles one.
         self.peers_lock = threading.RLock()
 
-    def took(self, conn: TimedConnection, answer: Any) -> None:
+    def took(self, conn: Connection, answer: Any) -> None:
         """A push was acknowledged on ``conn`` (under the lock) with ``answer``:
         (events dropped, the publisher's instance id); an older publisher sends
         the number alone, and is not tracked."""
@@ -100,7 +100,7 @@ class Shipper:
             with self.peers_lock:
                 self.unflushed_peers[conn.instance] = Holder(self.pushes_acked, conn.peer())
 
-    def identity(self, conn: TimedConnection, timeout: float) -> str:
+    def identity(self, conn: Connection, timeout: float) -> str:
         """The instance id of the publisher at ``conn`` ("" for an older one), asked
         once per connection when no push has told it."""
         if conn.instance is None:
@@ -335,7 +335,7 @@ class Shipper:
         self.took(conn, value)
         return True
 
-    def _next_push(self, conn: TimedConnection) -> Push | None:
+    def _next_push(self, conn: Connection) -> Push | None:
         """The push to send: the one not yet acknowledged, or a new one sized to one write."""
         if self.pending is None:
             # One write per push: each further write must win the GIL back
@@ -366,7 +366,7 @@ class Shipper:
     # ---- connecting and electing ----
     def connection(
         self, elect: bool = True, deadline: float | None = None, wait: bool = True
-    ) -> TimedConnection:
+    ) -> Connection:
         """The open connection, or a new one (electing a publisher when none answers)."""
         if self.conn is not None:
             return self.conn
@@ -384,7 +384,7 @@ class Shipper:
         self.conn = conn
         return conn
 
-    def elect(self, wait: bool = True, deadline: float | None = None) -> TimedConnection | None:
+    def elect(self, wait: bool = True, deadline: float | None = None) -> Connection | None:
         """No publisher answers: launch one unless one is starting, then (if ``wait``)
         wait for it; the connection to it, or None."""
         launch, proc = self.channel.launch_publisher()
@@ -521,7 +521,7 @@ class Shipper:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _shut_down(conn: TimedConnection | None) -> None:
+def _shut_down(conn: Connection | None) -> None:
     """Wake whoever waits on ``conn`` with an error, leaving its descriptor open."""
     if conn is None or conn.closed:
         return
@@ -541,7 +541,7 @@ def _uwsgi_without_threads() -> bool:
     return not getattr(uwsgi, "has_threads", 0)
 
 
-def _peer_gone(conn: TimedConnection) -> bool:
+def _peer_gone(conn: Connection) -> bool:
     """True when the peer closed ``conn`` (nothing else is ever unread on a flush
     connection between calls), or it is unusable."""
     try:
