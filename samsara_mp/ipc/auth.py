@@ -34,7 +34,7 @@ _WELCOME = b"#SMP-WELCOME#"
 _FAILURE = b"#SMP-FAILURE#"
 _NONCE_BYTES = 32
 _MAC_BYTES = 32
-_LIMIT = 256  # no handshake frame is longer
+_LIMIT = 256  # what a peer not yet authenticated can make us allocate
 # Who answers: a client's answer never serves as the publisher's, and back.
 CLIENT = b"smp-ipc-client"
 SERVER = b"smp-ipc-server"

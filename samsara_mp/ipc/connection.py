@@ -18,11 +18,9 @@ from .._procfs import process_start
 
 __all__ = ["IPCError", "IPCTimeout", "Refused", "BadFrame", "Connection", "HEADER", "MAX_FRAME"]
 
-# A frame is its body's length, then the body: raw bytes in the handshake, a
-# pickle (protocol 5) of a message after it.
 HEADER = struct.Struct("!I")
-# Far above any push the configuration yields, far below what a length read off
-# a stream out of step (or written by something else) would claim.
+# Far above any push (at most ``staging_bytes``, 8 MiB by default), far below
+# what a length read off a stream out of step would mostly claim.
 MAX_FRAME = 1 << 30
 # Larger bodies are allocated as their bytes arrive: a length that lies costs
 # only what was sent.
@@ -55,6 +53,9 @@ class BadFrame(IPCError):
 
 class Connection:
     """A connected stream socket whose every read and write gives up after ``timeout`` seconds.
+
+    A frame is its body's length (``HEADER``), then the body: raw bytes in the
+    handshake, a pickle (protocol 5) of a message after it.
 
     Not thread-safe: one user at a time, as a worker's shipper takes its lock
     around each call. Another thread may :meth:`close` it, or shut the socket
