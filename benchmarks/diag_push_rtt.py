@@ -2,7 +2,7 @@
 
 One process records N events back to back (publisher healthy, reference
 server online) with the default ``staging_size``; the worker's pushes to the
-publisher are timed by wrapping ``TimedConnection.call`` in this process.
+publisher are timed by wrapping ``Connection.call`` in this process.
 Printed: pushes, events per push, push round-trip percentiles, staging drops.
 Two what-ifs that change nothing in the library's files, only this process:
 
@@ -52,7 +52,7 @@ def main() -> int:
         sys.setswitchinterval(args.switchinterval)
 
     log: list[tuple[float, float, int]] = []
-    orig_call = ipc.TimedConnection.call
+    orig_call = ipc.Connection.call
 
     def timed_call(self: Any, method: str, *a: Any, **kw: Any) -> Any:
         t0 = time.perf_counter()
@@ -61,7 +61,7 @@ def main() -> int:
             log.append((t0, time.perf_counter() - t0, len(a[0])))
         return result
 
-    ipc.TimedConnection.call = timed_call  # type: ignore[method-assign]
+    ipc.Connection.call = timed_call  # type: ignore[method-assign]
     if args.sndbuf:
         orig_connect = channel_mod.Channel.connect
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ._link import Link
     from ._shipper import Shipper
     from .channel import Channel
-    from .ipc import TimedConnection
+    from .ipc import Connection
 
 __all__ = ["Holders", "Flush"]
 
@@ -53,7 +53,7 @@ class Holders:
         self.pushes_acked = 0
         self.peers: dict[str, Holder] = {}
 
-    def took(self, conn: TimedConnection, instance: str) -> None:
+    def took(self, conn: Connection, instance: str) -> None:
         """A push was taken by the publisher ``instance`` on ``conn``."""
         self.pushes_acked += 1
         if instance:

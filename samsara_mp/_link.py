@@ -20,7 +20,7 @@ from typing import Any
 
 from .channel import Channel, Launch
 from .config import Config
-from .ipc import IPCError, IPCTimeout, Refused, TimedConnection
+from .ipc import Connection, IPCError, IPCTimeout, Refused
 from .retry import RetryPolicy
 
 __all__ = ["Link", "bounded"]
@@ -52,9 +52,9 @@ class Link:
         """Fresh per-process state (at construction, and in the child of a fork)."""
         self.lock = threading.Lock()  # one exchange at a time on ``conn``
         self._holder: int | None = None  # the thread that holds it
-        self.conn: TimedConnection | None = None
+        self.conn: Connection | None = None
         self.flush_lock = threading.Lock()
-        self.flush_conn: TimedConnection | None = None
+        self.flush_conn: Connection | None = None
         self.retired = False  # close() ran: no connection is kept open from now on
         self.failures = 0
         self.next_connect = 0.0
@@ -83,7 +83,7 @@ class Link:
 
     # ---- connecting and electing ----
     def connection(self, elect: bool = True, deadline: float | None = None,
-                   wait: bool = True) -> TimedConnection:
+                   wait: bool = True) -> Connection:
         """The open connection, or a new one (electing a publisher when none answers)."""
         if self.conn is not None:
             return self.conn
@@ -101,7 +101,7 @@ class Link:
         self.conn = conn
         return conn
 
-    def elect(self, wait: bool = True, deadline: float | None = None) -> TimedConnection | None:
+    def elect(self, wait: bool = True, deadline: float | None = None) -> Connection | None:
         """No publisher answers: launch one unless one is starting, then (if ``wait``)
         wait for it; the connection to it, or None."""
         launch, proc = self.channel.launch_publisher()
@@ -133,7 +133,7 @@ class Link:
         conn, self.conn = self.conn, None
         _close(conn)
 
-    def identity(self, conn: TimedConnection, timeout: float) -> str:
+    def identity(self, conn: Connection, timeout: float) -> str:
         """The instance id of the publisher at ``conn``, asked once per connection."""
         if conn.instance is None:
             answer = conn.call("instance", timeout=timeout)
@@ -255,7 +255,7 @@ class Link:
             _shut_down(self.flush_conn)
 
 
-def _close(conn: TimedConnection | None) -> None:
+def _close(conn: Connection | None) -> None:
     if conn is not None:
         try:
             conn.close()
@@ -263,7 +263,7 @@ def _close(conn: TimedConnection | None) -> None:
             pass
 
 
-def _shut_down(conn: TimedConnection | None) -> None:
+def _shut_down(conn: Connection | None) -> None:
     """Wake whoever waits on ``conn`` with an error, leaving its descriptor open."""
     if conn is None or conn.closed:
         return
@@ -274,7 +274,7 @@ def _shut_down(conn: TimedConnection | None) -> None:
         pass
 
 
-def _peer_gone(conn: TimedConnection) -> bool:
+def _peer_gone(conn: Connection) -> bool:
     """True when the peer closed ``conn`` (nothing is ever unread on a flush
     connection between calls), or it is unusable."""
     try:

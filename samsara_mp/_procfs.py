@@ -1,5 +1,6 @@
-"""Process identity: a pid and its start time, read from /proc, so a reused pid is not taken
-for the process that had it. The one helper for "is this process still running"."""
+"""Process identity: a pid and its start time from ``/proc/<pid>/stat``, so that a
+reused pid is not taken for the process a client saw (a flush's publishers, see
+docs/design.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     """/proc/<pid>/stat after the command name (state first), None when unreadable."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
+            # The command name may hold spaces and parentheses: split after its last ")".
             return f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
@@ -38,6 +40,7 @@ def process_running(pid: int, start: int | None) -> bool:
     if fields is None:
         return True  # no /proc here: it exists
     try:
+        # A zombie has ended: only its parent has not reaped it yet.
         return fields[0] != b"Z" and (start is None or int(fields[19]) == start)
     except (IndexError, ValueError):
         return True

@@ -26,7 +26,7 @@ from ._link import Link, bounded
 from ._staging import Push, Staging
 from .config import Config
 from .errors import ChannelError
-from .ipc import IPCError, Refused, TimedConnection
+from .ipc import Connection, IPCError, Refused
 from .retry import RetryPolicy
 
 __all__ = ["Shipper", "INLINE_BUDGET"]
@@ -266,7 +266,7 @@ class Shipper:
         """This process's counts as the current publisher is to know them."""
         return tuple(now - then for now, then in zip(self.staging.totals(), self.base, strict=True))  # type: ignore[return-value]
 
-    def _meet(self, conn: TimedConnection, timeout: float) -> None:
+    def _meet(self, conn: Connection, timeout: float) -> None:
         """Learn which publisher ``conn`` reaches; a new one counts from here on."""
         instance = self.link.identity(conn, timeout)
         if instance != self.instance:
@@ -278,7 +278,7 @@ class Shipper:
     def reported_abs(self) -> tuple[int, int, int]:
         return tuple(a + b for a, b in zip(self.reported, self.base, strict=True))  # type: ignore[return-value]
 
-    def _answered(self, conn: TimedConnection, push: Push, totals: tuple[int, int, int],
+    def _answered(self, conn: Connection, push: Push, totals: tuple[int, int, int],
                   answer: Any) -> bool:
         try:
             taken, room, instance = answer

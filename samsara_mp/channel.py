@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from .config import WORKER_ONLY_KEYS, Config
 from .errors import ChannelError
-from .ipc import IPCError, TimedConnection, connect
+from .ipc import Connection, IPCError, connect
 
 if TYPE_CHECKING:
     import subprocess
@@ -288,7 +288,7 @@ class Channel:
         return data
 
     # ---- connecting ----
-    def connect(self, timeout: float) -> TimedConnection:
+    def connect(self, timeout: float) -> Connection:
         """Connect to the live publisher, or raise ``IPCError``."""
         key = self.read_authkey()
         if key is None:
@@ -410,7 +410,7 @@ class Channel:
         conn.close()
         return True
 
-    def connect_when_up(self, timeout: float, proc: ProcHandle | None = None) -> TimedConnection | None:
+    def connect_when_up(self, timeout: float, proc: ProcHandle | None = None) -> Connection | None:
         """Poll (bounded) until a publisher answers; its connection, or None on deadline or
         when ``proc`` ended without another publisher taking the channel.
 

@@ -23,8 +23,8 @@ from conftest import settled_stats, wait_until
 from procs import stop
 
 from samsara_mp import Publisher, SamsaraClient
+from samsara_mp._procfs import process_running, process_start
 from samsara_mp.ingest import IngestServer
-from samsara_mp.ipc import process_running, process_start
 
 
 def _balanced(s: dict[str, Any]) -> bool:

@@ -1,0 +1,14 @@
+"""Worker-to-publisher IPC: authenticated Unix-socket connections whose every wait
+is bounded (docs/design.md, "IPC"). The authkey file is the trust boundary:
+whoever can read it can make the publisher unpickle what they send."""
+
+from __future__ import annotations
+
+from .auth import PROTOCOL_VERSION, HandshakeError, VersionMismatch, connect
+from .connection import BadFrame, Connection, IPCError, IPCTimeout, Refused
+from .server import Handler, Server
+
+__all__ = [
+    "PROTOCOL_VERSION", "BadFrame", "Connection", "HandshakeError", "Handler", "IPCError", "IPCTimeout",
+    "Refused", "Server", "VersionMismatch", "connect",
+]
