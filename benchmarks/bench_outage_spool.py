@@ -32,9 +32,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+from samsara_mp.buffer import SharedBuffer  # noqa: E402
 
 from samsara_mp import Publisher, SamsaraClient, spool  # noqa: E402
-from samsara_mp.buffer import SharedBuffer  # noqa: E402
 from samsara_mp.ingest import IngestServer  # noqa: E402
 
 PUSH = 256  # events per push, as a worker's shipper sends them (ship_batch)

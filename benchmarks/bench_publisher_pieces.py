@@ -29,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-
 from samsara_mp.buffer import SharedBuffer  # noqa: E402
+
 from samsara_mp.config import Config  # noqa: E402
 from samsara_mp.event import EventEncoder  # noqa: E402
 from samsara_mp.helpers import current_time_millis  # noqa: E402
