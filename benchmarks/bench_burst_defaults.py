@@ -101,7 +101,8 @@ LOGGER = {"A": "samsara_mp", "B": "samsara_mp", "C": "posthog", "D": "segment"}
 IMPL = {"A": "samsara_mp, client made before fork", "B": "samsara_mp, spawned, own clients",
         "C": "PostHog, per process", "D": "Segment, per process"}
 PUB_KEYS = ("recorded", "delivered", "dropped_overflow", "dropped_buffer", "dropped_staging",
-            "rejected", "buffered", "staged", "spooled", "dropped_spool", "stats_events")
+            "rejected", "buffered", "staged", "spooled", "dropped_spool", "stats_events", "batches",
+            "requests")
 
 
 # ------------------------------------------------------------------ workers
