@@ -111,6 +111,15 @@ def install_cleanup() -> None:
     signal.signal(signal.SIGINT, _on_signal)
 
 
+def forget_in_child() -> None:
+    """In a child forked from a benchmark's main process: default SIGTERM/SIGINT, and
+    no tracked pids, so a SIGTERM from the parent (stop_pid) ends just this child
+    rather than running the parent's cleanup() against the parent's processes."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _TRACKED.clear()
+
+
 def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.01) -> Any:
     """Poll ``pred`` until it returns something truthy or ``timeout`` passes; its last value."""
     deadline = time.monotonic() + timeout
@@ -219,6 +228,21 @@ class IngestProcess:
         self.last_accept_at: float | None = stats["last_accept_at"]
         return int(stats["accepted_events"])
 
+    def events(self, page: int = 20_000) -> list[dict[str, Any]]:
+        """Every accepted event in arrival order (``store="memory"``), read in pages."""
+        admin = Http(self.admin_url, timeout=60.0)
+        out: list[dict[str, Any]] = []
+        try:
+            while True:
+                status, body = admin.request("GET", f"/_test/events?offset={len(out)}&limit={page}")
+                if status != 200:
+                    raise RuntimeError(f"/_test/events answered {status}")
+                out.extend(body)
+                if len(body) < page:
+                    return out
+        finally:
+            admin.close()
+
     def set_online(self, online: bool) -> None:
         status, _ = self.admin.request("PUT", "/v1/api-status", {"status": "online" if online else "offline"})
         if status != 200:
@@ -245,22 +269,32 @@ class IngestProcess:
         self.stop()
 
 
-class SegmentSink:
-    """A tiny stdlib counting server for Segment's ``POST /v1/batch`` (its own process)."""
+class BatchSink:
+    """A tiny stdlib counting server for Segment's ``POST /v1/batch`` and PostHog's
+    ``POST /batch/`` (``_batch_sink.py``, its own process). ``keys=True``: it also
+    keeps each event's ``properties`` ``wk`` and ``seq`` in arrival order (:meth:`keys`)."""
 
-    def __init__(self, timeout: float = 20.0) -> None:
+    def __init__(self, keys: bool = False, timeout: float = 20.0) -> None:
         self.proc, info = start_ready_process(
-            [PY, str(BENCH_DIR / "_segment_sink.py")], "segment sink", timeout
+            [PY, str(BENCH_DIR / "_batch_sink.py"), *(["--keys"] if keys else [])], "batch sink", timeout
         )
         self.url: str = info["url"]
         self.pid: int = self.proc.pid
         self.http = Http(self.url)
 
+    def stats(self) -> dict[str, Any]:
+        return self.http.request("GET", "/stats")[1]  # type: ignore[no-any-return]
+
     def accepted(self) -> int:
         """Events counted so far; also sets ``last_accept_at`` (the sink's clock)."""
-        stats = self.http.request("GET", "/stats")[1]
+        stats = self.stats()
         self.last_accept_at: float | None = stats["last_at"]
         return int(stats["events"])
+
+    def keys(self) -> list[tuple[int, int]]:
+        """(wk, seq) of every event counted, in arrival order (started with ``keys=True``)."""
+        body = Http(self.url, timeout=60.0).request("GET", "/keys")[1]
+        return list(zip(body["wk"], body["seq"], strict=True))
 
     def wait_accepted(self, target: int, timeout: float, interval: float = 0.005) -> tuple[int, float]:
         deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ a. naive  - one ``multiprocessing.Manager().Queue().put`` per event, one
             requests to the same reference server;
 b. segment - ``segment-analytics-python`` in each worker (its defaults:
             upload_size 100, no gzip; max_queue_size = per-worker count), against
-            ``_segment_sink.py``, a stdlib counting server for ``/v1/batch``
+            ``_batch_sink.py``, a stdlib counting server for ``/v1/batch``
             (the reference server does not speak Segment's body format);
 c. seed   - the original ``samsara_sdk`` 0.5.5.0 in each worker against the
             reference server (``publish_interval=1000``: it rounds ms down to
@@ -216,7 +216,7 @@ POLL_S = 0.05  # how often the sink's count is read; its own clock says when the
 
 
 def run_workers(target: Callable[..., None], n: int, per: int, opts: dict[str, Any],
-                sink: C.IngestProcess | C.SegmentSink, deadline_s: float,
+                sink: C.IngestProcess | C.BatchSink, deadline_s: float,
                 helpers_cpu: Callable[[], float] = lambda: 0.0,
                 accepted_cpu: Callable[[], float] = lambda: 0.0) -> dict[str, Any]:
     """Fork ``n`` workers, start them together, wait until ``sink.accepted()`` grew by n*per."""
@@ -403,7 +403,7 @@ def run_naive(srv: C.IngestProcess, n: int, per: int, deadline_s: float) -> dict
     return r
 
 
-def run_segment(sink: C.SegmentSink, n: int, per: int, deadline_s: float) -> dict[str, Any]:
+def run_segment(sink: C.BatchSink, n: int, per: int, deadline_s: float) -> dict[str, Any]:
     r = run_workers(w_segment, n, per, {"url": sink.url}, sink, deadline_s,
                     accepted_cpu=lambda: C.proc_cpu_seconds(sink.pid))
     r["impl"] = "segment-analytics-python"
@@ -503,7 +503,7 @@ def main() -> int:
                 if why:
                     notes.append(f"segment baseline skipped: {why}")
                     continue
-                sink = C.SegmentSink()
+                sink = C.BatchSink()
                 try:
                     small = max(total // 4, 8_000)
                     for n in counts:
