@@ -3,7 +3,7 @@
     python benchmarks/bench_outage_spool.py [--events 200000] [--json FILE]
 
 Part 1, in this process on the real files of a temporary directory (the
-SharedBuffer and SegmentSpool of the library, no network):
+Ring and SegmentSpool of the library, no network):
 - push cost per event into a full buffer: drop-oldest (the default) versus
   spooling, with the default fsync policy (every 100 ms or 1 MiB) and, to
   choose that policy, with an fdatasync after every push and with none;
@@ -32,10 +32,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
-from samsara_mp.buffer import SharedBuffer  # noqa: E402
 
-from samsara_mp import Publisher, SamsaraClient, spool  # noqa: E402
+from samsara_mp import Publisher, SamsaraClient  # noqa: E402
+from samsara_mp import _segment_log as spool  # noqa: E402
 from samsara_mp.ingest import IngestServer  # noqa: E402
+from samsara_mp.ring import Ring  # noqa: E402
 
 PUSH = 256  # events per push, as a worker's shipper sends them (ship_batch)
 
@@ -47,7 +48,7 @@ def _events(n: int) -> list[bytes]:
             for i in range(n)]
 
 
-def _push_all(buf: SharedBuffer, events: list[bytes]) -> float:
+def _push_all(buf: Ring, events: list[bytes]) -> float:
     t0 = time.perf_counter()
     for i in range(0, len(events), PUSH):
         buf.push(events[i:i + PUSH])
@@ -59,7 +60,7 @@ def part1(n: int) -> dict[str, Any]:
     raw = sum(map(len, events)) / n
     rows: list[list[Any]] = []
     out: dict[str, Any] = {"event_bytes": raw}
-    drop = SharedBuffer(5_000)
+    drop = Ring(5_000)
     t = _push_all(drop, events)
     rows.append(["drop-oldest (default)", t / n * 1e6, "-", "-"])
     out["drop_us"] = t / n * 1e6
@@ -71,9 +72,9 @@ def part1(n: int) -> dict[str, Any]:
         d = tempfile.mkdtemp(prefix="smp-bench-spool-", dir="/tmp")
         try:
             spool.FSYNC_BYTES, spool.FSYNC_INTERVAL_S = fbytes, fint
-            seg = spool.SegmentSpool(Path(d) / "outage", 1 << 30)
+            seg = spool.SegmentLog(Path(d) / "outage", 1 << 30)
             seg.open()
-            buf = SharedBuffer(5_000, spool=seg, overflow="spool")
+            buf = Ring(5_000, spool=seg, overflow="spool")
             t = _push_all(buf, events)
             s = buf.snapshot()
             per_disk = s["spool_bytes"] / max(s["spooled"], 1)
@@ -84,8 +85,10 @@ def part1(n: int) -> dict[str, Any]:
                 for _ in range(10 * n):  # bounded: each round settles a batch
                     if not buf.spool_pending():
                         break
-                    batch = buf.peek_spool(5_000, 4 << 20)
-                    buf.commit(batch, range(len(batch.payloads)), [])
+                    batch = buf.take(5_000, 4 << 20)
+                    if batch is None:
+                        break
+                    buf.settle(batch, range(len(batch.payloads)), [])
                     got += len(batch.payloads)
                 restore_us = (time.perf_counter() - t0) / max(got, 1) * 1e6
                 out["restore_us"] = restore_us

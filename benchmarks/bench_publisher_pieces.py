@@ -7,7 +7,7 @@ call, for the code in use and for the form it replaced:
 
 - ``join``: ``transport.join_events`` (one allocation) against
   ``b"[" + b",".join(p) + b"]"`` (three batch-sized objects);
-- ``commit``: ``SharedBuffer.peek`` + ``commit`` of a whole batch delivered,
+- ``commit``: ``Ring.take`` + ``settle`` of a whole batch delivered,
   against the same with the index sets and the size pass built (``commit_sets``);
 - ``POST``: ``Transport.post`` (request prepared once) against
   ``session.post(...)`` with the same headers and body, to the reference
@@ -29,11 +29,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from samsara_mp.buffer import SharedBuffer  # noqa: E402
 
 from samsara_mp.config import Config  # noqa: E402
 from samsara_mp.event import EventEncoder  # noqa: E402
 from samsara_mp.helpers import current_time_millis  # noqa: E402
+from samsara_mp.ring import Ring  # noqa: E402
 from samsara_mp.transport import (  # noqa: E402
     PUBLISHED_TIMESTAMP_HEADER,
     HTTPAnswer,
@@ -83,19 +83,20 @@ def main() -> int:
                   ('b"[" + b",".join(p) + b"]" (before)', lambda: b"[" + b",".join(payloads) + b"]")],
          args.calls)
 
-    buf = SharedBuffer(max_size=4 * n)
+    buf = Ring(max_size=4 * n)
 
     def commit(sets: bool) -> None:
         buf.push(payloads)
-        batch = buf.peek(n, 10**9)
+        batch = buf.take(n, 10**9)
+        assert batch is not None
         if sets:  # the work the whole-batch path did before: two index sets, a size pass
             delivered = set(range(n))
             settled = delivered | set()
             assert len(settled) == n and sum(map(len, batch.payloads)) == batch.nbytes
-        buf.commit(batch, range(n), ())
+        buf.settle(batch, range(n), ())
 
-    pair("commit", [("peek + commit, whole batch (in use)", lambda: commit(False)),
-                    ("peek + commit + index sets and size pass (before)", lambda: commit(True))],
+    pair("commit", [("take + settle, whole batch (in use)", lambda: commit(False)),
+                    ("take + settle + index sets and size pass (before)", lambda: commit(True))],
          args.calls)
 
     srv = C.IngestProcess()

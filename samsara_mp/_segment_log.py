@@ -67,7 +67,7 @@ class SegmentLog:
     counted in :attr:`corrupt` / :attr:`corrupt_bytes`, and the next segment
     is read.
 
-    Not thread-safe: the SharedBuffer calls it under its lock.
+    Not thread-safe: the ring calls it under its lock.
     """
 
     def __init__(self, directory: str | Path, max_bytes: int,
