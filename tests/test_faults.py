@@ -25,10 +25,11 @@ from procs import stop
 from samsara_mp import Publisher, SamsaraClient
 from samsara_mp._procfs import process_running, process_start
 from samsara_mp.ingest import IngestServer
+from samsara_mp.ledger import unaccounted
 
 
 def _balanced(s: dict[str, Any]) -> bool:
-    return s["recorded"] == s["delivered"] + s["dropped_overflow"] + s["rejected"] + s["buffered"]
+    return unaccounted({"staged": 0, **s}) == 0
 
 
 def _record(client: SamsaraClient, count: int, name: str = "test.event") -> None:
@@ -151,7 +152,7 @@ def test_a_flush_waiting_out_a_retry_after_does_not_block_shipping_or_stats(
             flusher = threading.Thread(target=lambda: results.append(client.flush(timeout=6)))
             flusher.start()
             try:
-                lock = client._shipper.lock
+                lock = client._link.lock
 
                 def flush_waits() -> bool:  # on the publisher, whichever connection it took
                     if lock.acquire(blocking=False):
@@ -219,26 +220,28 @@ def test_a_closed_client_keeps_no_connection_open(
         wait_until(lambda: pub.stats()["connected_clients"] == own, 10, "the publisher to see none of its")
 
 
-def test_long_outage_fills_the_buffer_then_drops_the_oldest(
+def test_long_outage_fills_the_ring_and_the_rest_waits_in_staging(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:
+    # Backpressure: the ring (500) takes what it has room for; the other 1,500 wait in
+    # the worker's staging, and nothing is dropped while staging holds them.
     config = dict(fast_config, max_buffer_size=500, backoff_cap=100)
     server.set_online(False)
     with Publisher(**config) as pub:
         with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
             _record(client, 2_000)
-            assert client.ship(timeout=10)
+            assert client.ship(timeout=1) is False  # no room for all of them
             stats = wait_until(
-                lambda: (s := pub.stats())["recorded"] == 2_000 and s["retries"] >= 1 and s,
-                10, "pushes and a failed try",
+                lambda: (s := client.stats()["channel"])["buffered"] == 500 and s["retries"] >= 1 and s,
+                10, "a full ring and a failed try",
             )
-            assert stats["buffered"] == 500
-            assert stats["dropped_overflow"] == 1_500 and _balanced(stats)
+            assert stats["staged"] == 1_500 and stats["dropped_overflow"] == 0
+            assert stats["recorded"] == 2_000 and _balanced(stats)
             server.set_online(True)
             assert client.flush(timeout=30)
         stats = pub.stats()
-    assert _seqs(server) == list(range(1_500, 2_000))
-    assert stats["delivered"] == 500 and _balanced(stats)
+    assert _seqs(server) == list(range(2_000))
+    assert stats["delivered"] == 2_000 and _balanced(stats)
 
 
 def test_publisher_sigstop_does_not_block_record_event_and_nothing_is_duplicated(
@@ -289,7 +292,7 @@ def test_ship_and_flush_keep_their_timeout_with_a_frozen_publisher(
             assert client.flush(timeout=10)
             os.kill(pub.pid, signal.SIGSTOP)
             try:
-                client._shipper.drop_connection()  # the next push must connect (and may try to elect)
+                client._link.drop_connection()  # the next push must connect (and may try to elect)
                 _record(client, 10, "during")
                 for call in (client.ship, client.flush):
                     started = time.monotonic()
@@ -307,8 +310,8 @@ def _stuck_in_a_push(client: SamsaraClient) -> bool:
     """Record one event (something for the thread to push); True once the shipper
     thread holds the connection, i.e. is waiting on a push to a frozen publisher."""
     _record(client, 1, "during")
-    if client._shipper.lock.acquire(blocking=False):
-        client._shipper.lock.release()
+    if client._link.lock.acquire(blocking=False):
+        client._link.lock.release()
         return False
     return True
 
@@ -417,7 +420,9 @@ def test_stats_taken_while_the_shipper_pushes_counts_every_event_once(
         finally:
             done.set()
             watcher.join(30)
-        assert client.flush(timeout=30)
+        # A loop this tight outruns the API: staging drops its oldest, so the flush may
+        # rightly say False. What is checked is that every view counts each event once.
+        client.flush(timeout=30)
         client.close()
     off = [v for v in views if v["recorded"] != v["local_recorded"] or v["recorded"] != v["delivered"]
            + v["dropped_overflow"] + v["rejected"] + v["buffered"] + v["staged"]]
@@ -438,7 +443,7 @@ def test_stats_and_close_from_a_signal_handler_that_interrupts_a_push_use_no_con
         seen: dict[str, Any] = {"stats": [], "errors": [], "close": None}
 
         def handler(signum: int, frame: Any) -> None:
-            if not client._shipper.reentered():
+            if not client._link.reentered():
                 return  # not mid-push this time
             try:
                 if len(seen["stats"]) < 20:
@@ -518,14 +523,14 @@ def test_a_push_the_publisher_refused_is_counted_as_discarded_by_the_close_that_
             _record(client, 10)
             recorded = 10
             if shipper == "thread":
-                wait_until(lambda: client._shipper.failures > 0, 10, "a push refused")
+                wait_until(lambda: client._link.failures > 0, 10, "a push refused")
             else:
 
                 def written_and_answered() -> bool:
                     nonlocal recorded
                     client.record_event(eventName="test.event", seq=recorded)  # written inline
                     recorded += 1
-                    conn = client._shipper.conn
+                    conn = client._link.conn
                     return bool(client._shipper.awaiting and conn is not None and conn.poll(0))
 
                 wait_until(written_and_answered, 10, "a push written inline and refused, unread")
@@ -557,7 +562,7 @@ def test_an_inline_push_awaiting_its_answer_is_counted_once_by_stats_with_an_old
 
                 def awaiting_and_answered() -> bool:
                     client.record_event(eventName="x", seq=-1)  # the batch's push is written inline
-                    conn = client._shipper.conn
+                    conn = client._link.conn
                     return bool(client._shipper.awaiting and conn is not None and conn.poll(0))
 
                 wait_until(awaiting_and_answered, 10, "a push written inline and answered, unread")
@@ -585,7 +590,7 @@ try:
     client.stats()  # the shipper's connection is open
     os.kill(pub.pid, signal.SIGSTOP)
     try:
-        shipper, end, user = client._shipper, time.monotonic() + 10, None
+        shipper, link, end, user = client._shipper, client._link, time.monotonic() + 10, None
         if mode == "stats":  # another application thread waits in stats() on that connection
             user = threading.Thread(target=client.stats)
             user.start()
@@ -593,9 +598,9 @@ try:
             if mode == "push":
                 client.record_event(eventName="during")
             time.sleep(0.02)
-            if not shipper.lock.acquire(blocking=False):
+            if not link.lock.acquire(blocking=False):
                 break
-            shipper.lock.release()
+            link.lock.release()
         # Whether the woken thread is still alive when close() returns is a race it
         # may win either way: what must hold is that it never touches a file
         # opened after close(), whichever.
@@ -644,7 +649,7 @@ def test_a_connection_opened_under_a_short_deadline_keeps_the_full_ipc_timeout(
     with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
         _record(client, 5, "short")
         assert client.ship(timeout=0.5)
-        conn = client._shipper.conn
+        conn = client._link.conn
         assert conn is not None and conn.timeout == 4.0  # later calls get it all
 
 
@@ -663,11 +668,11 @@ def test_sigterm_with_api_down_spools_and_next_publisher_resends_first(
         assert before_stop["recorded"] == 200 and before_stop["buffered"] == 200
     finally:
         assert pub.stop() == 0
-    spool = list((pub.channel.dir / "spool").glob("spool-*.jsonl"))
-    assert len(spool) == 1 and len(spool[0].read_bytes().splitlines()) == 200
-    # A torn write of another file: its good lines are still resent.
-    torn = pub.channel.dir / "spool" / "spool-0-1.jsonl"
-    torn.write_bytes(b'{"eventName":"torn","sourceId":"s","timestamp":1,"seq":0}\n{"eventName":"to')
+    segments = sorted((pub.channel.dir / "spool" / "outage").glob("seg-*.smp"))
+    assert segments and sum(p.stat().st_size for p in segments) > 200 * 8
+    # A torn tail after the last whole record (a crash mid-write): skipped, counted.
+    with open(segments[-1], "ab") as f:
+        f.write(b"\x40\x00\x00\x00torn")
     server.set_online(True)
     with Publisher(**config) as second:
         with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
@@ -675,12 +680,12 @@ def test_sigterm_with_api_down_spools_and_next_publisher_resends_first(
             assert client.flush(timeout=30)
         stats = second.stats()
     names = [e["eventName"] for e in server.events()]
-    assert names.count("spooled") == 200 and names.count("torn") == 1
+    assert names.count("spooled") == 200
     assert names.index("fresh") > max(i for i, n in enumerate(names) if n == "spooled")
     assert _seqs(server, "spooled") == list(range(200))
-    assert stats["restored"] == 201 and stats["delivered"] == 211
-    assert stats["recorded"] == 211 and _balanced(stats)
-    assert not list((pub.channel.dir / "spool").glob("*.jsonl"))
+    assert stats["restored"] == 200 and stats["delivered"] == 210 and stats["spool_corrupt"] == 1
+    assert stats["recorded"] == 210 and _balanced(stats)
+    assert not list((pub.channel.dir / "spool" / "outage").glob("seg-*.smp"))
 
 
 def test_publisher_sigkill_under_load_loses_only_what_it_held(
@@ -691,7 +696,7 @@ def test_publisher_sigkill_under_load_loses_only_what_it_held(
     try:
         _record(client, 2_000, "load")
         info = wait_until(client.channel.read_info, 10, "a publisher")
-        wait_until(lambda: client._shipper.unflushed_peers, 10, "a push taken")
+        wait_until(lambda: client._shipper.holders.peers, 10, "a push taken")
         os.kill(info["pid"], signal.SIGKILL)
         _record(client, 2_000, "after")
         # What the killed one held may be lost: this flush is not done, and says so once.
@@ -753,19 +758,19 @@ def test_a_flush_whose_events_went_with_a_killed_publisher_is_not_done_by_the_ne
         pid = client.channel.read_info()["pid"]
         server.inject(mode="hang", count=1, hang_seconds=5)
         _record(client, 100, "lost")
-        shipper = client._shipper
-        wait_flushed = shipper.wait_flushed
+        link = client._link
+        flush_call = link.flush_call
 
-        def killed_first(deadline: float) -> tuple[bool | None, str | None, int]:
+        def killed_first(deadline: float, *args: Any) -> Any:
             # The window no real timing hits reliably: ship() has handed the 100 over
             # (the publisher is in their hung POST), the flush request is not sent yet,
             # and another process's client elects the next publisher meanwhile.
-            monkeypatch.setattr(shipper, "wait_flushed", wait_flushed)  # once
+            monkeypatch.setattr(link, "flush_call", flush_call)  # once
             wait_until(lambda: not server.pending_faults(), 10, "the POST to hang")
             _kill_then_elect(pid, other)
-            return wait_flushed(deadline)
+            return flush_call(deadline, *args)
 
-        monkeypatch.setattr(shipper, "wait_flushed", killed_first)
+        monkeypatch.setattr(link, "flush_call", killed_first)
         assert client.flush(timeout=10) is False  # the new publisher never held the 100
         assert _seqs(server, "lost") == []
         _record(client, 5, "after")
@@ -812,13 +817,13 @@ def test_events_pushed_while_a_flush_waits_are_not_forgotten_by_it(
         server.inject(mode="hang", count=2, hang_seconds=3)  # the POST of "a", then of "b"
         _record(client, 10, "a")
         wait_until(lambda: sum(n for _, n in server.pending_faults()) < 2, 10, "the POST of 'a' to hang")
-        acked = client._shipper.pushes_acked
+        acked = client._shipper.holders.pushes_acked
         result: dict[str, Any] = {}
         flusher = threading.Thread(target=lambda: result.update(done=client.flush(timeout=20)))
         flusher.start()
-        wait_until(lambda: client._shipper.flush_conn is not None, 10, "the flush to wait")
+        wait_until(lambda: client._link.flush_conn is not None, 10, "the flush to wait")
         _record(client, 10, "b")
-        wait_until(lambda: client._shipper.pushes_acked > acked, 10, "the thread to push 'b'")
+        wait_until(lambda: client._shipper.holders.pushes_acked > acked, 10, "the thread to push 'b'")
         flusher.join(20)
         assert result["done"] is True and sorted(_seqs(server, "a")) == list(range(10))
         wait_until(lambda: not server.pending_faults(), 10, "the POST of 'b' to hang")

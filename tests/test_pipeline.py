@@ -13,6 +13,7 @@ from workers import record_many
 
 from samsara_mp import Publisher, SamsaraClient
 from samsara_mp.ingest import IngestServer
+from samsara_mp.ledger import unaccounted
 
 
 def _by_worker(events: list[dict[str, Any]]) -> dict[int, list[int]]:
@@ -23,9 +24,7 @@ def _by_worker(events: list[dict[str, Any]]) -> dict[int, list[int]]:
 
 
 def _balanced(stats: dict[str, Any]) -> bool:
-    return stats["recorded"] == (
-        stats["delivered"] + stats["dropped_overflow"] + stats["rejected"] + stats["buffered"]
-    )
+    return unaccounted({"staged": 0, **stats}) == 0
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
@@ -83,26 +82,31 @@ def test_client_elects_and_starts_a_publisher_when_none_runs(
     wait_until(gone, 20, "idle publisher to exit")
 
 
-def test_overflow_drops_exactly_the_oldest_and_counts_them(
+def test_overflow_drops_exactly_the_oldest_staged_and_counts_them(
     server: IngestServer, fast_config: dict[str, Any]
 ) -> None:
+    # The ring (100) is full and the API down: what follows waits in staging (50), which
+    # keeps its newest and drops its oldest, counted.
     server.set_online(False)
-    config = dict(fast_config, max_buffer_size=100)
+    config = dict(fast_config, max_buffer_size=100, staging_size=50)
     with Publisher(**config) as pub:
         with SamsaraClient(sourceId="s", start_publishing_thread=False, **config) as client:
-            for seq in range(250):
+            for seq in range(100):
                 client.record_event(eventName="test.event", seq=seq)
-            assert client.ship(timeout=10)
-            stats = wait_until(lambda: (s := pub.stats())["recorded"] == 250 and s, 10, "pushes")
-            assert stats["dropped_overflow"] == 150
-            assert stats["buffered"] == 100
+                if seq % 25 == 24:
+                    assert client.ship(timeout=10)  # into the ring, before staging overflows
+            for seq in range(100, 250):
+                client.record_event(eventName="test.event", seq=seq)
+            stats = client.stats()["channel"]
+            assert stats["dropped_overflow"] == stats["dropped_staging"] == 100
+            assert stats["buffered"] == 100 and stats["staged"] == 50
             assert stats["delivered"] == 0
-            assert _balanced(stats)
+            assert unaccounted(stats) == 0
             server.set_online(True)
-            assert client.flush(timeout=30)
+            assert client.flush(timeout=30) is False  # 100 were dropped
         stats = pub.stats()
-    assert [e["seq"] for e in server.events()] == list(range(150, 250))
-    assert stats["delivered"] == 100 and stats["dropped_overflow"] == 150
+    assert [e["seq"] for e in server.events()] == list(range(100)) + list(range(200, 250))
+    assert stats["delivered"] == 150 and stats["dropped_overflow"] == 100
     assert _balanced(stats)
 
 
@@ -125,7 +129,7 @@ def _push_raw(pub: Publisher, payloads: list[bytes]) -> None:
     """Push pre-encoded bytes as a worker of another validation would."""
     conn = pub.channel.connect(5.0)
     try:
-        conn.call("push", payloads)
+        conn.call("push", payloads, "raw", 1, (0, 0, 0))
     finally:
         conn.close()
 
