@@ -367,7 +367,9 @@ def test_a_new_publisher_imports_nothing_it_does_not_need_before_it_serves() -> 
     # Not a timing: the modules that made a new publisher's start slow (each measured
     # at 4-13 ms on this project's VM, benchmarks/README.md "Cold start") stay out of
     # what it imports before its socket listens. -S keeps site's own imports out of it.
-    late = ("dataclasses", "inspect", "argparse", "hashlib", "requests", "concurrent.futures",
+    # hashlib is not among them: the handshake's BLAKE2b comes from it, and it is imported
+    # with the IPC on purpose (a first import after OpenSSL's cleanup at exit would crash).
+    late = ("dataclasses", "inspect", "argparse", "requests", "concurrent.futures",
             "samsara_mp.metrics", "prometheus_client")
     probe = ("import sys; import samsara_mp.publisher; "
              f"print(' '.join(m for m in {late!r} if m in sys.modules))")
