@@ -23,24 +23,23 @@ import logging
 import os
 import re
 import stat
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any
 
-from .config import WORKER_ONLY_KEYS, Config
+from ._launch import Detached, ProcHandle, read_status, spawn_detached
+from .config import Config
 from .errors import ChannelError
 from .ipc import Connection, IPCError, connect
 
 if TYPE_CHECKING:
-    import subprocess
+    pass
 
 __all__ = ["Channel", "Detached", "Flock", "Launch", "ProcHandle", "EXIT_LOST_ELECTION", "ensure_private_dir"]
 
 log = logging.getLogger("samsara_mp")
 
 _AUTHKEY_BYTES = 32
-_PUBLISHER_MAIN = "import sys; from samsara_mp.publisher import main; sys.exit(main())"
 _MAX_SOCKET_PATH = 100
 # A publisher's exit status when another holds the channel's election lock.
 EXIT_LOST_ELECTION = 3
@@ -251,7 +250,7 @@ class Channel:
         try:
             if not self.lock_is_free():
                 return Launch.SERVING, None
-            proc = self.spawn_detached(gate_fd=gate.fd)
+            proc = spawn_detached(self, gate_fd=gate.fd)
         finally:
             gate.forget()  # the publisher holds its inherited copy until it serves
         return Launch.LAUNCHED, proc
@@ -295,112 +294,10 @@ class Channel:
             raise IPCError(2, f"no publisher has started on channel {self.name}")
         return connect(self.socket_path, key, timeout)
 
-    def spawn_publisher(
-        self,
-        owner_pid: int | None = None,
-        idle_timeout: int | None = None,
-        log_path: str | None = None,
-        gate_fd: int | None = None,
-    ) -> subprocess.Popen[bytes]:
-        """Start a publisher process of its own, a child of this one (an owner waits for
-        it in ``Publisher.stop``); it exits at once if another holds the lock."""
-        import subprocess
-
-        args, fds, config_fd = self._publisher_args(owner_pid, idle_timeout, gate_fd)
-        try:
-            with self._log(log_path) as err:
-                return subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    close_fds=True, pass_fds=fds, start_new_session=True, env=_child_env(),
-                )
-        finally:
-            os.close(config_fd)
-
-    def spawn_detached(self, gate_fd: int | None = None) -> Detached:
-        """Start a publisher that is not this process's child, so nothing here must reap it.
-
-        A worker that launches the channel's publisher may live on long after
-        it; without a reaper thread (a process that only made a client must
-        stay single-threaded) a child would stay a zombie. ``/bin/sh`` starts
-        it in the background and exits at once, which leaves it to init.
-        """
-        import subprocess
-
-        args, fds, config_fd = self._publisher_args(None, None, gate_fd)
-        try:
-            with self._log(None) as err:
-                sh = subprocess.Popen(
-                    ["/bin/sh", "-c", '"$@" </dev/null >/dev/null & echo $!', "sh", *args],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                    close_fds=True, pass_fds=fds, start_new_session=True, env=_child_env(),
-                )
-        finally:
-            os.close(config_fd)
-        try:
-            out, _ = sh.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            sh.kill()
-            sh.communicate()
-            raise ChannelError(f"could not start a publisher for channel {self.name}") from None
-        try:
-            return Detached(int(out.strip()))
-        except ValueError:
-            raise ChannelError(
-                f"could not start a publisher for channel {self.name} (sh exit {sh.returncode})"
-            ) from None
-
-    def _publisher_args(
-        self, owner_pid: int | None, idle_timeout: int | None, gate_fd: int | None
-    ) -> tuple[list[str], tuple[int, ...], int]:
-        """The publisher's command line, the descriptors it inherits, and the read end of
-        the pipe that carries its configuration (the caller closes it once started).
-
-        The configuration never goes on the command line: ``/proc/<pid>/cmdline`` is
-        readable by every local user, and the URL's credentials and ``headers`` are
-        secrets. The publisher reads it from the inherited pipe and closes it."""
-        self.ensure_dir()
-        cfg = self.config.to_dict()
-        cfg["channel"] = self.name  # named, so the publisher need not hash the URL (hashlib)
-        for key in WORKER_ONLY_KEYS:
-            del cfg[key]  # the publisher never runs them, and need not import the app's code
-        if idle_timeout is not None:
-            cfg["idle_timeout"] = idle_timeout
-        config_fd = _config_pipe(json.dumps(cfg).encode())
-        args = [_python_executable(), "-c", _PUBLISHER_MAIN, "--config-fd", str(config_fd)]
-        if owner_pid is not None:
-            args += ["--owner-pid", str(owner_pid)]
-        fds: tuple[int, ...] = (config_fd,)
-        if gate_fd is not None:
-            args += ["--gate-fd", str(gate_fd)]
-            fds += (gate_fd,)
-        return args, fds, config_fd
-
-    def _log(self, log_path: str | None) -> BinaryIO:
-        err_path = log_path or str(self.dir / "publisher.log")
-        try:
-            err = open(err_path, "ab")  # the caller closes it (with)
-            os.chmod(err_path, 0o600)
-        except OSError as exc:
-            raise ChannelError(f"cannot open the publisher's log {err_path}: {exc}") from exc
-        return err
-
     def last_failure(self) -> str | None:
-        """The last error a publisher of this channel logged (``publisher.log``), if any:
-        why a start failed, for the exception and the stats of whoever waited on it."""
-        try:
-            with open(self.dir / "publisher.log", "rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(size - 16384, 0))
-                tail = f.read().decode("utf-8", "replace").splitlines()
-        except OSError:
-            return None
-        for line in reversed(tail):
-            if " ERROR " in line:
-                return line.split(" ERROR ", 1)[1].strip()[:500]
-            if " INFO " in line and "serving channel" in line:
-                return None  # the last start succeeded
-        return None
+        """Why the last publisher of this channel failed to start or serve, from the status
+        file it wrote (None when the last one served, or none failed)."""
+        return read_status(self.dir)
 
     def wait_connectable(self, timeout: float, proc: ProcHandle | None = None) -> bool:
         """Poll (bounded) until a publisher answers; False on deadline or early exit."""
@@ -432,82 +329,3 @@ class Channel:
         return None
 
 
-class ProcHandle(Protocol):
-    """A started publisher: a ``Popen`` or a :class:`Detached` one."""
-
-    pid: int
-
-    def poll(self) -> int | None: ...
-
-
-class Detached:
-    """A publisher that is not our child: ``poll()`` says only whether it still runs."""
-
-    ENDED = -1
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def poll(self) -> int | None:
-        """None while it runs, ``Detached.ENDED`` once it has ended (its status is init's)."""
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return self.ENDED
-        except PermissionError:
-            return None
-        return None
-
-
-def _config_pipe(data: bytes) -> int:
-    """A pipe holding ``data`` and then EOF; its read end (a configuration is far
-    smaller than a pipe's 64 KiB, so the write never blocks)."""
-    r, w = os.pipe()
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(w, view):]
-    except BaseException:
-        os.close(r)
-        raise
-    finally:
-        os.close(w)
-    return r
-
-
-def read_config_fd(fd: int) -> dict[str, Any]:
-    """Read and close the configuration pipe a publisher inherited."""
-    chunks = []
-    try:
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    data: dict[str, Any] = json.loads(b"".join(chunks))
-    return data
-
-
-def _python_executable() -> str:
-    """The interpreter to run the publisher with.
-
-    Under uWSGI ``sys.executable`` is the uwsgi binary; the interpreter of
-    the same environment sits in ``sys.exec_prefix``.
-    """
-    exe = sys.executable
-    if exe and os.path.basename(exe).startswith("python") and "uwsgi" not in sys.modules:
-        return exe
-    for name in (f"python{sys.version_info[0]}.{sys.version_info[1]}", "python3", "python"):
-        candidate = os.path.join(sys.exec_prefix, "bin", name)
-        if os.access(candidate, os.X_OK):
-            return candidate
-    import shutil
-
-    return shutil.which("python3") or exe
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # The package must import in the child exactly as it does here.
-    here = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env

@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._launch import clear_status, read_config_fd, write_status
+from ._owner import Publisher
 from ._procfs import process_running
 from ._redact import redact_url
 from ._segment_log import SegmentLog
-from .channel import EXIT_LOST_ELECTION, Channel, Flock, ensure_private_dir, read_config_fd
+from .channel import EXIT_LOST_ELECTION, Channel, Flock, ensure_private_dir
 from .config import Config
-from .errors import ChannelError, ChannelTaken, InvalidConfiguration
+from .errors import ChannelError, InvalidConfiguration
 from .hooks import OutcomeHooks
 from .ipc import IPCError, Server
 from .publish_loop import PublishLoop
@@ -35,7 +37,7 @@ from .stats import ClientStatsReporter
 from .supervise import Supervisor
 
 if TYPE_CHECKING:
-    import subprocess
+    pass
 
 __all__ = ["Publisher", "PublisherProcess", "main", "EXIT_LOST_ELECTION"]
 
@@ -129,6 +131,7 @@ class PublisherProcess:
         self.loop.start()
         self._start_metrics()
         self._release_gate()
+        clear_status(self.channel.dir)
         log.info("samsara_mp: publisher %d serving channel %s", os.getpid(), self.channel.name)
         idle_since = time.monotonic()
         next_report = time.monotonic() + self.config.stats_interval / 1000.0
@@ -305,100 +308,6 @@ def _opt_str(args: tuple[Any, ...]) -> str | None:
     return args[0] if args and isinstance(args[0], str) else None
 
 
-class Publisher:
-    """An owner's handle: start the channel's publisher process, and stop it with a drain.
-
-    A gunicorn master, a Celery main process or a ``Pool``'s parent uses this so
-    that workers only connect. The publisher also stops by itself when its
-    owner process ends.
-    """
-
-    def __init__(self, config: Config | None = None, **kwargs: Any) -> None:
-        self.config = config if config is not None else Config.build(**kwargs)
-        self.channel = Channel(self.config)
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def start(self, timeout: float = 15.0) -> Publisher:
-        """Start the channel's publisher and wait until it serves.
-
-        Raises ``ChannelTaken`` (with the serving publisher's pid) when another
-        publisher already serves the channel: this handle then owns nothing,
-        and its ``stop()`` does nothing. Raises ``ChannelError`` when the
-        publisher cannot start.
-        """
-        deadline = time.monotonic() + timeout
-        proc = self._proc = self.channel.spawn_publisher(owner_pid=os.getpid(), idle_timeout=0)
-        serving: int | None = None
-        if self.channel.wait_connectable(timeout, proc):
-            # Someone answers: ours, or one that held the channel before ours
-            # tried its lock (then ours exits at once with EXIT_LOST_ELECTION).
-            delay = 0.005
-            while proc.poll() is None and time.monotonic() < deadline:
-                serving = self._serving_pid(max(min(deadline - time.monotonic(), 2.0), 0.1))
-                if serving == proc.pid:
-                    return self
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
-        code = proc.poll()
-        if code == EXIT_LOST_ELECTION:
-            self._proc = None
-            serving = serving or self._serving_pid(1.0)
-            if serving is not None:
-                raise ChannelTaken(self.channel.name, serving)
-            raise ChannelError(
-                f"channel {self.channel.name} is locked by a publisher that does not answer"
-            )
-        self.stop(timeout=1.0)
-        self._proc = None
-        cause = self.channel.last_failure()
-        raise ChannelError(
-            f"publisher for channel {self.channel.name} did not start (exit {code})"
-            + (f": {cause}" if cause else "") + f"; see {self.channel.dir / 'publisher.log'}"
-        )
-
-    def _serving_pid(self, timeout: float) -> int | None:
-        try:
-            pid = self.stats(timeout)["publisher_pid"]
-        except (IPCError, ChannelError, OSError, EOFError):
-            return None
-        return int(pid)
-
-    def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM the publisher and wait for its drain; its exit status."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if timeout is None:
-            timeout = self.config.shutdown_timeout_s + self.config.send_timeout_s + 5.0
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        import subprocess
-
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait(5.0)
-
-    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
-        conn = self.channel.connect(timeout)
-        try:
-            result: dict[str, Any] = conn.call("stats")
-            return result
-        finally:
-            conn.close()
-
-    def __enter__(self) -> Publisher:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 _USAGE = "usage: python -m samsara_mp.publisher --config-fd N [--owner-pid PID] [--gate-fd N]"
 _OPTIONS = ("--config-fd", "--owner-pid", "--gate-fd")
 
@@ -432,18 +341,22 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr,
         format="%(asctime)s samsara_mp publisher[%(process)d] %(levelname)s %(message)s",
     )
+    proc: PublisherProcess | None = None
     try:
         config = Config.build(env={}, **read_config_fd(args["config_fd"]))
         proc = PublisherProcess(config, owner_pid=args.get("owner_pid"), gate_fd=args.get("gate_fd"))
         signal.signal(signal.SIGTERM, proc.request_stop)
         signal.signal(signal.SIGINT, proc.request_stop)
-        return proc.run()
-    except (ChannelError, IPCError, OSError, InvalidConfiguration) as exc:
-        # One ERROR line with the cause: the launcher reads it back (Channel.last_failure).
-        log.error("samsara_mp: publisher failed: %s", exc)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - said in the log, for whoever waits on the start
-        log.exception("samsara_mp: publisher failed: %s: %s", type(exc).__name__, exc)
+        code = proc.run()
+        if code == 1:
+            write_status(proc.channel.dir, "the publish loop could not go on (see publisher.log)")
+        return code
+    except Exception as exc:  # noqa: BLE001 - said in the log, and to whoever waits on the start
+        known = isinstance(exc, ChannelError | IPCError | OSError | InvalidConfiguration)
+        reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        log.error("samsara_mp: publisher failed: %s", reason, exc_info=not known)
+        if proc is not None:
+            write_status(proc.channel.dir, reason)  # Channel.last_failure() reads it
         return 1
 
 

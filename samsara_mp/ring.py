@@ -25,10 +25,12 @@ from collections.abc import Callable, Collection, Sequence
 from itertools import accumulate, islice, repeat, starmap
 from typing import TYPE_CHECKING, Any
 
+from ._batch import Batch
+from ._ring_disk import DiskSide
 from .ledger import ClientRecord, Ledger
 
 if TYPE_CHECKING:
-    from ._segment_log import Position, SegmentLog
+    from ._segment_log import SegmentLog
 
 log = logging.getLogger("samsara_mp")
 
@@ -39,40 +41,7 @@ __all__ = ["Ring", "Batch"]
 _MIN_GRANT = 64
 
 
-class Batch:
-    """Events taken out of the ring (or read from the spool) to send together.
-
-    ``first_seq`` is the ring sequence number of the first event; ``owners``
-    the runs of (client record, count) they came from; ``positions`` where each
-    is on disk, for a batch read from the spool."""
-
-    __slots__ = ("first_seq", "payloads", "owners", "nbytes", "full", "positions", "inherited", "ends")
-
-    def __init__(self, first_seq: int, payloads: list[bytes], owners: list[list[Any]] | None = None,
-                 nbytes: int | None = None, full: bool = False,
-                 positions: list[Position] | None = None, inherited: list[bool] | None = None,
-                 ends: dict[Position, int] | None = None) -> None:
-        self.first_seq = first_seq
-        self.payloads = payloads
-        self.owners = owners or []
-        self.nbytes = sum(map(len, payloads)) if nbytes is None else nbytes
-        self.full = full
-        self.positions = positions
-        self.inherited = inherited
-        self.ends = ends
-
-    def __repr__(self) -> str:
-        return f"Batch(first_seq={self.first_seq}, events={len(self.payloads)}, full={self.full})"
-
-    def owner_list(self) -> list[ClientRecord | None]:
-        """The owner of each event, in order."""
-        out: list[ClientRecord | None] = []
-        for rec, n in self.owners:
-            out.extend(repeat(rec, n))
-        return out
-
-
-class Ring:
+class Ring(DiskSide):
     """Bounded ring with an in-flight slot, room per client, and exact counters."""
 
     def __init__(self, max_size: int, clock: Callable[[], float] = time.monotonic,
@@ -227,30 +196,6 @@ class Ring:
         self._pop_head(n)
         self.counters.dropped_buffer += n
 
-    def _spill_out(self, taken: list[bytes], now: float) -> None:
-        assert self.spool is not None
-        c = self.counters
-        written, evicted_own, evicted_inherited, error = self.spool.append(taken)
-        c.spooled += written
-        self._count_evicted(evicted_own, evicted_inherited)
-        lost = len(taken) - written
-        if lost:
-            c.dropped_spool += lost
-        if error is None:
-            return
-        c.spool_errors += 1
-        self._spool_off_until = now + 1.0  # tried again in a second, not at every push
-        if now - self._spool_error_logged >= 10.0:
-            self._spool_error_logged = now
-            log.error("samsara_mp: cannot write the outage spool in %s (%s); dropping the oldest "
-                      "events instead (%d now), counted as dropped_spool", self.spool.dir, error, lost)
-
-    def _count_evicted(self, own: int, inherited: int) -> None:
-        c = self.counters
-        c.spool_evicted += own
-        c.dropped_spool += own + inherited
-        c.recorded += inherited  # an earlier publisher's, never counted here before
-
     # ---- the publish loop's side ----
     def take(self, max_count: int, max_bytes: int) -> Batch | None:
         """The batch to send: the one in flight (sent again), else the oldest of the spool,
@@ -288,25 +233,6 @@ class Ring:
             self._oldest_since = self._clock() if ring else None
             self.in_flight = batch
             return self.in_flight
-
-    def _take_spool(self, max_count: int, max_bytes: int) -> Batch | None:
-        assert self.spool is not None
-        payloads, positions, inherited, ends = self.spool.peek(max_count, max_bytes)
-        self._count_lost_on_disk()
-        if not payloads:
-            self.spool.advance()
-            return None
-        self.in_flight = Batch(self._head_seq, payloads, full=len(payloads) >= max_count,
-                               positions=positions, inherited=inherited, ends=ends)
-        self.spool.in_flight = set(positions)
-        self._flight_since = self._clock()
-        return self.in_flight
-
-    def _count_lost_on_disk(self) -> None:
-        assert self.spool is not None
-        lost, self.spool.lost_own = self.spool.lost_own, 0
-        if lost:
-            self._count_evicted(lost, 0)
 
     def settle(self, batch: Batch, delivered: Collection[int], rejected: Collection[int]) -> None:
         """Count the in-flight batch's delivered and rejected events (indexes into its
@@ -359,34 +285,6 @@ class Ring:
         else:
             self.in_flight = None
 
-    def _settle_spool(self, batch: Batch, delivered: Collection[int], rejected: Collection[int]) -> None:
-        assert self.spool is not None and batch.positions is not None and batch.inherited is not None
-        c = self.counters
-        delivered = set(delivered)
-        settled = sorted(delivered | set(rejected))
-        self.spool.settle_many([batch.positions[i] for i in settled])
-        for i in settled:
-            if batch.inherited[i]:
-                c.recorded += 1
-                c.spooled += 1
-                c.spool_inherited += 1
-            c.restored += 1
-            if i in delivered:
-                c.delivered += 1
-            else:
-                c.rejected += 1
-        self.spool.advance(batch.ends)
-        self._count_lost_on_disk()
-        done = set(settled)
-        left = [i for i in range(len(batch.payloads)) if i not in done]
-        if left:
-            self.in_flight = Batch(batch.first_seq, [batch.payloads[i] for i in left], full=batch.full,
-                                   positions=[batch.positions[i] for i in left],
-                                   inherited=[batch.inherited[i] for i in left], ends=batch.ends)
-        else:
-            self.in_flight = None
-        self.spool.in_flight = set(self.in_flight.positions or ()) if self.in_flight else set()
-
     # ---- state ----
     def __len__(self) -> int:
         """Events buffered: in the ring and in flight."""
@@ -410,10 +308,6 @@ class Ring:
             return False
         return self._head_seq >= target and not self.spool_pending()
 
-    def ready_count(self) -> int:
-        """Events waiting in the ring (not in flight)."""
-        return len(self._ring)
-
     def oldest_age(self) -> float:
         """Seconds the oldest buffered event has waited (0 when empty)."""
         since = self._flight_since if self.in_flight is not None else self._oldest_since
@@ -427,67 +321,6 @@ class Ring:
     def wake(self) -> None:
         with self._changed:
             self._changed.notify_all()
-
-    # ---- the spool ----
-    def attach_spool(self, spool: SegmentLog, overflow: str) -> None:
-        """Read ``spool`` first from now on; write to it on overflow with overflow="spool"."""
-        with self._lock:
-            self.spool = spool
-            self._spill = overflow == "spool"
-
-    @property
-    def spilling(self) -> bool:
-        return self._spill
-
-    def spool_pending(self) -> bool:
-        return self.spool is not None and not self.spool.empty()
-
-    def sync_spool(self) -> None:
-        if self.spool is not None:
-            with self._lock:
-                self.spool.sync()
-
-    def close_spool(self) -> None:
-        if self.spool is not None:
-            with self._lock:
-                self.spool.close()
-
-    def drain_to(self, spool: SegmentLog | None) -> tuple[int, OSError | None]:
-        """At shutdown: move every buffered event (in flight first) to ``spool``;
-        ``(events written, error)``. What could not be written (all of it, without a
-        spool) is counted dropped_spool."""
-        with self._lock:
-            flight = self.in_flight
-            out: list[bytes] = []
-            if flight is not None and flight.positions is None:
-                out.extend(flight.payloads)
-                for rec, k in flight.owners:
-                    if rec is not None:
-                        rec.held -= k
-                self.in_flight = None
-            elif flight is not None and self.spool is not None:
-                self.in_flight = None  # still on disk: nothing to write again
-                self.spool.in_flight = set()
-            n = len(self._ring)
-            self._release_owners(n)
-            out.extend(self._pop_head(n))
-            self._bytes = 0
-            c = self.counters
-            if spool is None:
-                c.dropped_spool += len(out)
-                return 0, None
-            self.spool = spool
-            if not out:
-                return 0, None
-            try:
-                written, evicted_own, evicted_inherited, error = spool.append(out)
-            except OSError as exc:
-                written, evicted_own, evicted_inherited, error = 0, 0, 0, exc
-            c.spooled += written
-            self._count_evicted(evicted_own, evicted_inherited)
-            c.dropped_spool += len(out) - written
-            self._changed.notify_all()
-            return written, error
 
     def snapshot(self, client_id: str | None = None) -> dict[str, Any]:
         """Counters and fills as a plain dict; with ``client_id``, that client's own

@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -211,6 +212,7 @@ def test_runtime_directory_owned_by_another_user_is_refused(runtime_dir: str) ->
 
 _INTRUDER = r"""
 import sys
+from pathlib import Path
 from multiprocessing.connection import Client
 path, key_path = sys.argv[1], sys.argv[2]
 try:
@@ -240,3 +242,21 @@ def test_another_uid_can_neither_read_the_authkey_nor_connect(publisher: Any, ru
     assert proc.stdout.split() == ["authkey-denied", "connect-denied"], proc.stderr
     stats = publisher.stats()
     assert stats["recorded"] == 0
+
+
+def test_a_publisher_that_cannot_start_tells_its_launcher_why(
+    server: Any, fast_config: dict[str, Any], runtime_dir: str
+) -> None:
+    # Its spool directory is open to others: the publisher refuses it and exits; the
+    # reason reaches Publisher.start()'s error through the channel's status file.
+    spool = Path(runtime_dir) / "open-spool"
+    spool.mkdir()
+    os.chmod(spool, 0o777)
+    pub = Publisher(**dict(fast_config, spool_dir=str(spool)))
+    with pytest.raises(ChannelError) as info:
+        pub.start(timeout=15)
+    assert "spool directory" in str(info.value) and "0700" in str(info.value)
+    assert pub.channel.last_failure() is not None
+    # A publisher that then serves clears it.
+    with Publisher(**fast_config) as ok:
+        assert ok.channel.last_failure() is None
