@@ -28,6 +28,7 @@ from .config import Config
 from .errors import ChannelError
 from .ipc import Connection, IPCError, Refused
 from .retry import RetryPolicy
+from .supervise import Supervisor
 
 __all__ = ["Shipper", "INLINE_BUDGET"]
 
@@ -41,6 +42,7 @@ _FIRST_CREDIT = 1024
 # While the ring has no room for this process: ask again soon, less often the longer it lasts.
 _NO_ROOM = RetryPolicy(base=0.005, cap=0.1)
 _PROBE = 64
+_THREAD_RESTART = RetryPolicy(base=0.05, cap=1.0)
 
 
 class Shipper:
@@ -61,7 +63,8 @@ class Shipper:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
-        self.thread_errors = 0
+        # The shipper must never die silently, nor give up: it is what ships at all.
+        self.supervisor = Supervisor(self.stopping, _THREAD_RESTART, give_up_after=None)
         self.pending: Push | None = None
         self.credit = _FIRST_CREDIT
         self.no_room = 0  # answers in a row that took less than was pushed
@@ -111,15 +114,12 @@ class Shipper:
             return not thread.is_alive()
         return True
 
+    @property
+    def thread_errors(self) -> int:
+        return self.supervisor.errors
+
     def _run(self) -> None:
-        # Supervised: an unexpected error is logged and counted, and the loop goes on.
-        while not self.stopping.is_set():
-            try:
-                self._ship_loop()
-            except Exception:  # noqa: BLE001 - the shipper must never die silently
-                self.thread_errors += 1
-                log.exception("samsara_mp: shipper thread error %d; carrying on", self.thread_errors)
-                self.stopping.wait(min(0.05 * self.thread_errors, 1.0))
+        self.supervisor.run("shipper thread", self._ship_loop)
         if self.link.enter(None):
             try:
                 self.link.drop_connection()  # stopped by close(), which may have left it to us

@@ -1,4 +1,4 @@
-"""``samsara-mp demo``: the whole data flow of DESIGN.md on one machine, with a verdict.
+"""``samsara-mp demo``: the whole data flow (docs/design.md) on one machine, with a verdict.
 
 It starts the reference Ingestion API server (in this process), a publisher
 owned by this process on a private channel in a fresh temporary runtime

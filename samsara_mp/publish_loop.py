@@ -45,14 +45,12 @@ class PublishLoop:
         self.config = config
         self._transport = transport
         self._owns_transport = transport is None  # made here, so remade after an error
-        self.policy = policy or RetryPolicy(
-            base=config.backoff_base / 1000.0, cap=config.backoff_cap / 1000.0
-        )
+        self.policy = policy or RetryPolicy.from_config(config)
         self._on_outcome = on_outcome
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         # An unexpected error in the loop is logged, counted, and the loop goes on.
-        self.supervisor = Supervisor(self._stop, config.backoff_base / 1000.0, config.backoff_cap / 1000.0)
+        self.supervisor = Supervisor(self._stop, RetryPolicy.from_config(config))
         self._draining = False
         self._drain_deadline = 0.0
         self._flush_target = -1

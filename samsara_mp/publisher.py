@@ -32,6 +32,7 @@ from .errors import ChannelError, InvalidConfiguration
 from .hooks import OutcomeHooks
 from .ipc import IPCError, Server
 from .publish_loop import PublishLoop
+from .retry import RetryPolicy
 from .ring import Ring
 from .stats import ClientStatsReporter
 from .supervise import Supervisor
@@ -60,7 +61,7 @@ class PublisherProcess:
         self._stats_events = 0
         self.spool_dir = Path(config.spool_dir or self.channel.dir / "spool")
         self._stop = threading.Event()
-        self.supervisor = Supervisor(self._stop, config.backoff_base / 1000.0, config.backoff_cap / 1000.0)
+        self.supervisor = Supervisor(self._stop, RetryPolicy.from_config(config))
         self._accepting = True
         self._spooled_at_exit = False  # what flushes wait for went to the spool, not the API
         # This start's identity, in every push's answer: a client's flush tells by it
@@ -125,7 +126,7 @@ class PublisherProcess:
              "url": redact_url(self.config.url), "owner_pid": self.owner_pid}
         )
         self._restore_spool()
-        server = Server(self.channel.socket_path, key, self._handle)
+        server = Server(self.channel.socket_path, key, self._answer)
         self._server = server
         self._accept = self.supervisor.thread("samsara-mp-accept", server.serve_forever)
         self.loop.start()
@@ -234,7 +235,7 @@ class PublisherProcess:
             self.buffer.attach_spool(self._open_log(), self.config.overflow)
 
     # ---- IPC ----
-    def _handle(self, method: str, args: tuple[Any, ...]) -> Any:
+    def _answer(self, method: str, args: tuple[Any, ...]) -> Any:
         """One request of a worker, its arguments checked before they touch the ring."""
         if method == "push":
             payloads, client_id, seq, totals = _push_args(args)

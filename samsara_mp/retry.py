@@ -1,8 +1,10 @@
 """The backoff policy: how long until the next try, and whether a status is retryable.
 
-A frozen object; the publish loop only asks it. Exponential backoff with full
-jitter (a uniform draw between 0 and the capped exponential), overridden by a
-server's ``Retry-After`` when it gives one.
+A frozen object that the publish loop, the shipper's reconnects and waits for
+room, and the supervisor of every long-lived thread ask; none has a formula of
+its own. Exponential backoff with full jitter (a uniform draw between 0 and the
+capped exponential), overridden by a server's ``Retry-After`` when it gives
+one (docs/design.md, "Publishing").
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config
 
 __all__ = ["RetryPolicy", "parse_retry_after", "is_retryable_status"]
 
@@ -59,6 +65,11 @@ class RetryPolicy:
         self.cap = cap
         self.max_retry_after = max_retry_after
         self.rng = rng
+
+    @classmethod
+    def from_config(cls, config: Config) -> RetryPolicy:
+        """The policy ``backoff_base`` and ``backoff_cap`` (ms) configure."""
+        return cls(base=config.backoff_base / 1000.0, cap=config.backoff_cap / 1000.0)
 
     def __repr__(self) -> str:
         return f"RetryPolicy(base={self.base}, cap={self.cap}, max_retry_after={self.max_retry_after})"

@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from .retry import RetryPolicy
+
 __all__ = ["Supervisor", "GIVE_UP_AFTER"]
 
 log = logging.getLogger("samsara_mp")
@@ -26,10 +28,11 @@ QUICK_FAILURE_S = 30.0
 class Supervisor:
     """Runs thread bodies under supervision; ``errors`` counts every unexpected exception."""
 
-    def __init__(self, stop: threading.Event, backoff_base_s: float, backoff_cap_s: float) -> None:
+    def __init__(self, stop: threading.Event, policy: RetryPolicy,
+                 give_up_after: int | None = GIVE_UP_AFTER) -> None:
         self.stop = stop
-        self.base = backoff_base_s
-        self.cap = backoff_cap_s
+        self.policy = policy
+        self.give_up_after = give_up_after  # None: never (a worker's shipper thread)
         self.errors = 0
         self.failed: str | None = None  # the body given up on, if any
         self._lock = threading.Lock()
@@ -61,11 +64,11 @@ class Supervisor:
                     on_error()
                 except Exception:  # noqa: BLE001
                     log.exception("samsara_mp: resetting %s failed", name)
-            if in_a_row >= GIVE_UP_AFTER:
+            if self.give_up_after is not None and in_a_row >= self.give_up_after:
                 self.failed = name
                 log.error("samsara_mp: %s failed %d times in a row; giving up on it", name, in_a_row)
                 return
-            self.stop.wait(min(self.base * 2 ** (in_a_row - 1), self.cap))
+            self.stop.wait(self.policy.ceiling(in_a_row))
 
     def guard(self, name: str, step: Callable[[], None]) -> None:
         """Run one step of a loop that cannot be restarted (the main thread's): log and

@@ -497,10 +497,10 @@ from samsara_mp.config import Config
 from samsara_mp.publisher import PublisherProcess
 
 class Refusing(PublisherProcess):  # as one shutting down answers every push
-    def _handle(self, method, args):
+    def _answer(self, method, args):
         if method == "push":
             raise ChannelError("publisher is shutting down")
-        return super()._handle(method, args)
+        return super()._answer(method, args)
 
 proc = Refusing(Config.build(env={}, **json.loads(sys.argv[1])))
 signal.signal(signal.SIGTERM, proc.request_stop)

@@ -1,6 +1,6 @@
 """Reference Samsara Ingestion API server, for local runs, tests and benchmarks.
 
-It stands where the real Ingestion API stands in DESIGN.md's data flow: the
+It stands where the real Ingestion API stands in the data flow of docs/design.md: the
 publisher's ``POST {url}/v1/events`` lands here. It answers as the real API
 does (202 / positional 400 / 404 / api-status) and adds test controls (fault
 injection, stats, the accepted events) on a separate admin listener.

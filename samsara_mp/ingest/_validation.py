@@ -2,7 +2,7 @@
 
 The publisher's batch arrives at ``POST {url}/v1/events``; before anything is
 stored, the body is parsed strictly and every event checked. A bad batch is
-refused whole with a positional answer (DESIGN.md "Semantics"): one entry per
+refused whole with a positional answer (the Ingestion API's documented answers): one entry per
 event, ``"OK"`` or what is wrong with it.
 """
 

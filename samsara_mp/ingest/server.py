@@ -3,7 +3,7 @@
 ``IngestServer`` runs two ``ThreadingHTTPServer`` listeners on loopback: the API
 (``POST {prefix}/v1/events``, ``GET {prefix}/v1/api-status``) and an admin
 listener (``PUT /v1/api-status`` like the real admin port, plus ``/_test/*``
-controls). Answers follow DESIGN.md "Semantics"; the admin side lets tests
+controls). Answers follow the Ingestion API's documented semantics; the admin side lets tests
 inject failures (status codes, ``Retry-After``, latency, hung or reset
 connections) into the publisher's path without faking the network.
 
@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from samsara_mp.ingest._faults import FAULT_MODES, FaultRule
-from samsara_mp.ingest._handlers import _AdminHandler, _ApiHandler, _HandlerBase
+from samsara_mp.ingest._routes import _AdminHandler, _ApiHandler, _HandlerBase
 from samsara_mp.ingest._state import STORES, RequestRecord, _Core
 from samsara_mp.ingest._validation import (
     MISSING_HEADER_WARNING,

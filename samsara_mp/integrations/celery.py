@@ -1,6 +1,6 @@
 """Celery: the worker's main process owns the publisher; prefork pool children record.
 
-In DESIGN.md's data flow a Celery worker is an explicit owner: its main process
+In the data flow of docs/design.md a Celery worker is an explicit owner: its main process
 starts the channel's publisher before the pool forks and stops it, with a
 drain, after the pool has been joined. Each pool child records through
 :func:`samsara_mp.get_client`. Call :func:`setup` once, in the module that

@@ -1,6 +1,6 @@
 """gunicorn integration: the master owns the channel's publisher, workers ship to it.
 
-In DESIGN.md's data flow the gunicorn arbiter (master) is the explicit owner
+In the data flow of docs/design.md the gunicorn arbiter (master) is the explicit owner
 of the publisher process: ``on_starting`` starts it before any worker is
 forked and ``on_exit`` stops it with a drain after the workers have left.
 Workers record with the process's shared client (``samsara_mp.get_client()``),

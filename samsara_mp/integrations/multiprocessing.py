@@ -1,6 +1,6 @@
 """multiprocessing.Pool: the Pool's parent owns the publisher; each worker records.
 
-In DESIGN.md's data flow the parent of a ``Pool`` is an explicit owner: it
+In the data flow of docs/design.md the parent of a ``Pool`` is an explicit owner: it
 holds the channel's publisher for the Pool's life (:class:`PoolPublisher`),
 and each worker process gets one :func:`samsara_mp.get_client` client from
 the Pool's initializer (:func:`initializer_args`)::

@@ -4,7 +4,7 @@
 {prefix}/v1/events`` (202 / positional 400 / 415 / 503, or an injected fault)
 and ``GET {prefix}/v1/api-status``. ``_AdminHandler`` is the admin port:
 ``PUT /v1/api-status`` like the real one, plus the ``/_test/*`` controls.
-Answers follow DESIGN.md "Semantics".
+Answers follow the Ingestion API's documented semantics.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class _HandlerBase(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         raise NotImplementedError
 
-    def _send(
+    def _reply(
         self,
         status: int,
         body: bytes = b"",
@@ -91,7 +91,7 @@ class _HandlerBase(BaseHTTPRequestHandler):
     def _send_json(
         self, status: int, obj: object, headers: Mapping[str, str] | None = None
     ) -> None:
-        self._send(status, _dumps(obj), _JSON, headers)
+        self._reply(status, _dumps(obj), _JSON, headers)
 
     def _error(self, status: int, message: str) -> None:
         self._send_json(status, {"status": "ERROR", "message": message})
@@ -173,7 +173,7 @@ class _ApiHandler(_HandlerBase):
             self.close_connection = True
             if not self._status:
                 try:
-                    self._send(500)
+                    self._reply(500)
                 except OSError:
                     pass
         finally:
@@ -221,7 +221,7 @@ class _ApiHandler(_HandlerBase):
             try:
                 body = gzip.decompress(body)
             except (OSError, EOFError, zlib.error) as exc:
-                self._send(400, f"Malformed gzip body: {exc}".encode(), _TEXT)
+                self._reply(400, f"Malformed gzip body: {exc}".encode(), _TEXT)
                 return
         elif encoding != "identity":
             self._error(415, f"Unsupported Content-Encoding {encoding!r}")
@@ -229,7 +229,7 @@ class _ApiHandler(_HandlerBase):
         try:
             events = decode_body(body)
         except (ValueError, RecursionError) as exc:
-            self._send(400, f"Malformed JSON in request body: {exc}".encode(), _TEXT)
+            self._reply(400, f"Malformed JSON in request body: {exc}".encode(), _TEXT)
             return
         if type(events) is not list:
             self._rejected = 1
@@ -245,7 +245,7 @@ class _ApiHandler(_HandlerBase):
         if published is None:
             self._send_json(202, {"status": "OK", "warning": MISSING_HEADER_WARNING})
         else:
-            self._send(202)
+            self._reply(202)
 
     def _apply_fault(self, rule: FaultRule) -> bool:
         """Play one fault; False when the request should then be answered normally."""
@@ -290,7 +290,7 @@ class _ApiHandler(_HandlerBase):
                 content_type = _JSON
             except ValueError:
                 content_type = _TEXT
-            self._send(rule.status, rule.body.encode(), content_type, headers)
+            self._reply(rule.status, rule.body.encode(), content_type, headers)
         return True
 
 
@@ -317,7 +317,7 @@ class _AdminHandler(_HandlerBase):
                 return
             with core.lock:
                 core.online = status == "online"
-            self._send(200)
+            self._reply(200)
         elif route == ("GET", "/v1/api-status"):
             self._send_json(200, {"status": "online" if core.online else "offline"})
         elif route == ("POST", "/_test/faults"):
