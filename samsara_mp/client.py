@@ -10,35 +10,31 @@ bounded (docs/design.md, "Workers").
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import process
+from ._client_stats import client_stats
 from ._env import ENV_PREFIX, export_to_env
 from ._flush import Flush
 from ._link import Link
 from ._shipper import Shipper
 from ._staging import Staging
+from ._steps import Steps
 from .channel import Channel
 from .config import Config
 from .errors import ChannelError, InvalidEvent, PublishError
 from .event import EventEncoder
-from .ipc import IPCError
 from .process import close_all, reset_after_fork, ship_all  # re-exported
 
 __all__ = ["SamsaraClient", "get_client", "ship_all", "close_all", "reset_after_fork"]
 
 log = logging.getLogger("samsara_mp")
 
-_IPC_ERRORS = (IPCError, ChannelError, EOFError, OSError)
-# At most one log line per this many seconds about a raising before_send.
-_HOOK_ERROR_LOG_INTERVAL = 10.0
 
 
 class SamsaraClient:
@@ -75,16 +71,7 @@ class SamsaraClient:
         self._shipper = Shipper(self.config, self._link, self._staging)
         self._flush = Flush(self._link, self._shipper)
         self._thread_started = False
-        # Left out of publish_events' events: counted here only (they never reach a publisher).
-        self._direct_filtered = self._direct_sampled_out = 0
-        rate = self.config.sample_rate
-        # Keep a source when crc32(sourceId) falls below this (None: keep all).
-        self._sample_below: int | None = None if rate >= 1.0 else int(rate * 2**32)
-        self._before_send: Callable[[dict[str, Any]], Any] | None = self.config.before_send_hook
-        self.disabled_events = 0  # validated and discarded: disabled=True
-        self.before_send_errors = 0
-        self._errors_logged = 0
-        self._next_error_log = 0.0
+        self._steps = Steps(self.config, self._encoder, self._staging)
         self._special = False
         self.refresh_mode()
         process.register(self)
@@ -93,11 +80,8 @@ class SamsaraClient:
             self._launch_early()
 
     def refresh_mode(self) -> None:
-        """Decide whether record_event takes the plain path or :meth:`_prepare`."""
-        self._special = bool(
-            self._before_send is not None or self._sample_below is not None
-            or self.config.disabled or process.capturing()
-        )
+        """Decide whether record_event takes the plain path or the optional steps."""
+        self._special = self._steps.active()
 
     def _launch_early(self) -> None:
         """Start the election now, so a cold channel's publisher is up by the first push."""
@@ -112,11 +96,11 @@ class SamsaraClient:
             return
         self.pid = os.getpid()
         self._staging = Staging(self.config.staging_size, self.config.staging_bytes)
-        self._shipper.staging = self._staging
+        self._shipper.staging = self._steps.staging = self._staging
         self._shipper.after_fork()
         self._flush.reset()
+        self._steps.reset()
         self._thread_started = False
-        self.disabled_events = self.before_send_errors = self._errors_logged = 0
 
     @property
     def threaded(self) -> bool:
@@ -128,7 +112,7 @@ class SamsaraClient:
     def record_event(self, **event: Any) -> None:
         """Validate, encode and stage one event; raise only ``InvalidEvent``."""
         if self._special:
-            data = self._prepare(event)
+            data = self._steps.prepare(event)
             if data is None:
                 return
         else:
@@ -142,73 +126,6 @@ class SamsaraClient:
             n >= self._ship_batch or time.monotonic() - self._staging.since >= self._ship_delay_s
         ):
             shipper.ship_inline()
-
-    def _prepare(self, event: dict[str, Any], report: bool = True) -> bytes | None:
-        """The event's bytes to stage, or None when it is not to be staged:
-        discarded (``disabled``), sampled out, filtered by ``before_send``, or captured.
-
-        ``report``: count what is left out in the channel's stats too (not for
-        publish_events, whose events never pass through the publisher)."""
-        encoder = self._encoder
-        encoder.enrich(event)
-        sinks = process.capture_sinks()
-        if sinks:
-            report = False  # capturing: nothing here reaches a publisher
-        elif self.config.disabled:
-            encoder.encode_enriched(event)  # validated all the same
-            self.disabled_events += 1
-            return None
-        below = self._sample_below
-        if below is not None and zlib.crc32(event["sourceId"].encode("utf-8", "surrogatepass")) >= below:
-            self._left_out(0, 1, report)
-            return None
-        hook = self._before_send
-        if hook is not None:
-            try:
-                result = hook(event)
-            except Exception as exc:  # noqa: BLE001 - never send what the hook did not clear
-                self._left_out(1, 0, report)
-                self._before_send_failed(exc)
-                return None
-            if result is None:
-                self._left_out(1, 0, report)
-                return None
-            if not isinstance(result, dict):
-                if not isinstance(result, Mapping):
-                    raise InvalidEvent(
-                        "event", f"before_send returned {type(result).__name__}, not a dict or None"
-                    )
-                result = dict(result)
-            encoder.enrich(result)  # what it returns is validated like any event
-            event = result
-        data = encoder.encode_enriched(event)
-        if sinks:
-            for sink in sinks:
-                sink.append(json.loads(data))  # what the API would have received
-            return None
-        return data
-
-    def _left_out(self, filtered: int, sampled_out: int, report: bool) -> None:
-        if report:
-            self._staging.note_left_out(filtered, sampled_out)
-        else:
-            self._direct_filtered += filtered
-            self._direct_sampled_out += sampled_out
-
-    def _before_send_failed(self, exc: Exception) -> None:
-        self.before_send_errors += 1
-        now = time.monotonic()
-        if now < self._next_error_log:
-            return
-        self._next_error_log = now + _HOOK_ERROR_LOG_INTERVAL
-        since = self.before_send_errors - self._errors_logged
-        self._errors_logged = self.before_send_errors
-        log.warning(
-            "samsara_mp: before_send raised %s; the event was dropped (%d such errors since the "
-            "last report, %d in all; reported at most every %.0fs)",
-            type(exc).__name__, since, self.before_send_errors, _HOOK_ERROR_LOG_INTERVAL,
-            exc_info=exc,
-        )
 
     def _start_thread(self) -> bool:
         self._thread_started = self._shipper.start_thread()
@@ -234,7 +151,7 @@ class SamsaraClient:
                 try:
                     if not isinstance(event, Mapping):
                         raise InvalidEvent("event", f"must be a mapping, not {type(event).__name__}")
-                    data = self._prepare(dict(event), report=False)
+                    data = self._steps.prepare(dict(event), report=False)
                 except InvalidEvent as exc:
                     raise InvalidEvent(f"events[{index}].{exc.field}", exc.reason) from None
                 if data is not None:
@@ -310,7 +227,7 @@ class SamsaraClient:
         end = time.monotonic() + timeout
         if link.reentered():
             # A signal handler interrupted this thread mid-push: only this process's view.
-            result = self._stats(0.0, held=False, ask=False)
+            result = client_stats(self, 0.0, held=False, ask=False)
             result["error"] = "stats() from a signal handler that interrupted a push: local counts only"
             return result
         # Holding the link, no push of this process lands between the local counts and
@@ -320,69 +237,10 @@ class SamsaraClient:
         try:
             if held and self._shipper.awaiting:
                 self._shipper.read_answer(max(end - time.monotonic(), 0.001))
-            return self._stats(max(end - time.monotonic(), 0.001), held)
+            return client_stats(self, max(end - time.monotonic(), 0.001), held)
         finally:
             if held:
                 link.leave()
-
-    def _stats(self, timeout: float, held: bool, ask: bool = True) -> dict[str, Any]:
-        staging = self._staging
-        shipper = self._shipper
-        with staging.lock:
-            push = shipper.pending
-            pending = len(push.payloads) if push is not None else 0
-            local: dict[str, Any] = {
-                "recorded": staging.recorded,
-                "staged": len(staging) + pending,
-                "staged_bytes": staging.nbytes,
-                "dropped_staging": staging.dropped,
-                "discarded": self.discarded,
-                # Never staged, so not in recorded: see README, "Filtering, sampling and tests".
-                "filtered": staging.filtered + self._direct_filtered,
-                "sampled_out": staging.sampled_out + self._direct_sampled_out,
-                "before_send_errors": self.before_send_errors,
-                "disabled": self.disabled_events,
-                "threaded": self.threaded,
-                "shipper_alive": shipper.thread is not None and shipper.thread.is_alive(),
-                "shipper_errors": shipper.thread_errors,
-                "credit": shipper.credit,
-                "pid": os.getpid(),
-                "channel": self.channel.name,
-            }
-            totals = shipper.totals()
-        result: dict[str, Any] = {"local": local, "channel": None}
-        if not ask:
-            return result
-        if self.config.disabled or process.capturing():
-            result["error"] = "disabled" if self.config.disabled else "capturing"
-            return result
-        answer: Any = None
-        try:
-            answer = self._link.call("stats", shipper.client_id, timeout=timeout, held=held)
-            chan = dict(answer)
-        except (TypeError, ValueError):
-            result["error"] = f"the publisher answered stats with a {type(answer).__name__}, not counters"
-            return result
-        except _IPC_ERRORS as exc:
-            cause = self.channel.last_failure()
-            result["error"] = str(exc) + (f" (the last publisher said: {cause})" if cause else "")
-            return result
-        mine = chan.pop("client", None) or {}
-        if push is not None and push.sent and mine.get("last_seq", -1) >= push.seq:
-            # The push in flight at the snapshot reached the ring (its answer was lost,
-            # or is being read): what it took is the ring's now, not staged here.
-            local["staged"] -= min(int(mine.get("last_taken", pending)), pending)
-        # What the publisher has not been told yet, as it would count it.
-        told = (mine.get("dropped_staging", 0), mine.get("filtered", 0), mine.get("sampled_out", 0))
-        untold = [max(now - then, 0) for now, then in zip(totals, told, strict=True)]
-        chan["recorded"] += local["staged"] + untold[0]
-        chan["dropped_staging"] += untold[0]
-        chan["dropped_overflow"] += untold[0]
-        chan["filtered"] += untold[1]
-        chan["sampled_out"] += untold[2]
-        chan["staged"] = local["staged"]
-        result["channel"] = chan
-        return result
 
     def close(self, timeout: float | None = None) -> bool:
         """Ship what is staged, stop the shipper, disconnect; True when nothing was left.
