@@ -10,47 +10,21 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import struct
 import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+from ._segment_file import FRAME, Damaged, Position, Segment, end_of, scan, unlink
 
 __all__ = ["SegmentLog", "Position"]
 
 log = logging.getLogger("samsara_mp")
 
 
-def _unlink(path: Path) -> int:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    except OSError as exc:
-        log.error("samsara_mp: cannot remove spool file %s: %s", path, exc)
-        return 0
-    return 1
-
-
-_FRAME = struct.Struct("<II")  # payload length, crc32 of the payload
-_MAX_RECORD = 64 * 1024 * 1024  # a length past this is a corrupt header, not an event
 SEGMENT_BYTES = 8 * 1024 * 1024
 FSYNC_INTERVAL_S = 0.1
 FSYNC_BYTES = 1024 * 1024
-
-Position = tuple[int, int]  # (segment index, record number in it)
-
-
-class _Segment:
-    __slots__ = ("index", "path", "size", "own", "records")
-
-    def __init__(self, index: int, path: Path, size: int, own: bool) -> None:
-        self.index = index
-        self.path = path
-        self.size = size  # bytes of whole records (own) or of the file (inherited)
-        self.own = own  # written by this process: its record count is known
-        self.records = 0 if own else -1
-
 
 class SegmentLog:
     """Events that overflowed the shared buffer during an outage, oldest first.
@@ -76,7 +50,7 @@ class SegmentLog:
         self.max_bytes = max_bytes
         # Several segments fit the bound, so that eviction can drop the oldest whole one.
         self.segment_bytes = max(min(segment_bytes, max_bytes // 8), 4096)
-        self.segments: list[_Segment] = []
+        self.segments: list[Segment] = []
         self._fd: int | None = None  # the last segment's, when it is ours
         self._next_index = 0
         self._unsynced = 0
@@ -109,12 +83,12 @@ class SegmentLog:
             if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
                 log.error("samsara_mp: spool segment %s is not ours or not a file; not sending it", path)
                 continue
-            found.append(_Segment(index, path, st.st_size, own=False))
+            found.append(Segment(index, path, st.st_size, own=False))
         found.sort(key=lambda s: s.index)
         self.segments = [s for s in found if s.size > 0]
         for s in found:
             if s.size == 0:
-                _unlink(s.path)
+                unlink(s.path)
         if found:
             self._next_index = found[-1].index + 1
         self._load_cursor()
@@ -139,7 +113,7 @@ class SegmentLog:
     def _save_cursor(self) -> None:
         path = self.dir / "cursor"
         if not self.segments or not self._off:
-            _unlink(path)
+            unlink(path)
             return
         tmp = self.dir / ".cursor"
         try:
@@ -171,7 +145,7 @@ class SegmentLog:
         EFBIG...) the rest is not written, the segment is cut back to its last
         whole record and ``error`` says why; ``written`` counts what is on disk.
         """
-        frames = [_FRAME.pack(len(p), zlib.crc32(p)) + p for p in payloads]
+        frames = [FRAME.pack(len(p), zlib.crc32(p)) + p for p in payloads]
         need = sum(map(len, frames))
         while frames and need > self.max_bytes:
             need -= len(frames.pop(0))
@@ -210,18 +184,18 @@ class SegmentLog:
             written[0] += end - start
             start = end
 
-    def _writable(self) -> _Segment:
+    def _writable(self) -> Segment:
         if self._fd is not None and self.segments and self.segments[-1].own:
             return self.segments[-1]
         index = self._next_index
         self._next_index += 1
         path = self.dir / f"seg-{index:012d}.smp"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        seg = _Segment(index, path, 0, own=True)
+        seg = Segment(index, path, 0, own=True)
         self.segments.append(seg)
         return seg
 
-    def _write(self, seg: _Segment, data: bytes) -> None:
+    def _write(self, seg: Segment, data: bytes) -> None:
         assert self._fd is not None
         view = memoryview(data)
         try:
@@ -263,7 +237,7 @@ class SegmentLog:
         self._roll()
 
     # ---- eviction (the bound) ----
-    def _evictable(self) -> _Segment | None:
+    def _evictable(self) -> Segment | None:
         # The oldest first, even when a batch read from it is in flight: those
         # events are in memory and are counted when they settle.
         for seg in self.segments:
@@ -275,7 +249,7 @@ class SegmentLog:
             return self._evictable()
         return None
 
-    def _evict(self, seg: _Segment) -> tuple[int, int]:
+    def _evict(self, seg: Segment) -> tuple[int, int]:
         """Delete ``seg``; its unsettled records as (own, inherited) counts."""
         first = seg is self.segments[0]
         rec = self._rec if first else 0
@@ -291,7 +265,7 @@ class SegmentLog:
         if self._fd is not None and not self.segments:
             os.close(self._fd)
             self._fd = None
-        _unlink(seg.path)
+        unlink(seg.path)
         self.evicted_segments += 1
         if first:
             self._rec = self._off = 0
@@ -300,63 +274,23 @@ class SegmentLog:
                     "(%d events)", self.max_bytes, seg.path.name, max(left, 0))
         return (max(left, 0), 0) if seg.own else (0, max(left, 0))
 
-    def _count(self, seg: _Segment, off: int) -> int:
+    def _count(self, seg: Segment, off: int) -> int:
         n = 0
         for _payload, _end in self._frames(seg, off, 1 << 62, 1 << 62, quiet=True):
             n += 1
         return n
 
     # ---- read ----
-    def _frames(self, seg: _Segment, off: int, max_count: int, max_bytes: int,
+    def _frames(self, seg: Segment, off: int, max_count: int, max_bytes: int,
                 quiet: bool = False) -> Iterator[tuple[bytes, int]]:
-        """``(payload, end offset)`` of the whole, valid records of ``seg`` from ``off``.
-
-        Stops at the first torn or corrupt record and cuts the segment's size
-        there (logged and counted once, unless ``quiet``)."""
+        """The whole, valid records of ``seg`` from ``off``; at the first torn or corrupt
+        one the segment's size is cut there (logged and counted once, unless ``quiet``)."""
         try:
-            fd = os.open(seg.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            log.error("samsara_mp: cannot read spool segment %s: %s", seg.path, exc)
-            self._damaged(seg, off, quiet)
-            return
-        hdr = _FRAME.size
-        try:
-            count = taken = 0
-            while off < seg.size and count < max_count and taken < max_bytes:
-                want = min(max(max_bytes - taken, 1 << 16) + 4096, seg.size - off, 1 << 22)
-                chunk = os.pread(fd, want, off)
-                pos = 0
-                while count < max_count and taken < max_bytes:
-                    if pos + hdr > len(chunk):
-                        break
-                    length, crc = _FRAME.unpack_from(chunk, pos)
-                    if length > _MAX_RECORD or off + pos + hdr + length > seg.size:
-                        self._damaged(seg, off + pos, quiet)
-                        return
-                    if pos + hdr + length > len(chunk):
-                        if pos:
-                            break  # the next chunk starts with it
-                        chunk = os.pread(fd, hdr + length, off)  # one record larger than a chunk
-                        if len(chunk) < hdr + length:
-                            self._damaged(seg, off, quiet)
-                            return
-                    payload = chunk[pos + hdr:pos + hdr + length]
-                    if zlib.crc32(payload) != crc:
-                        self._damaged(seg, off + pos, quiet)
-                        return
-                    pos += hdr + length
-                    count += 1
-                    taken += length
-                    yield payload, off + pos
-                if not pos:
-                    # Fewer bytes than a header left, or a read that came back short.
-                    self._damaged(seg, off, quiet)
-                    return
-                off += pos
-        finally:
-            os.close(fd)
+            yield from scan(seg, off, max_count, max_bytes)
+        except Damaged as damage:
+            self._damaged(seg, damage.offset, quiet)
 
-    def _damaged(self, seg: _Segment, off: int, quiet: bool) -> None:
+    def _damaged(self, seg: Segment, off: int, quiet: bool) -> None:
         if off >= seg.size:
             return
         skipped = seg.size - off
@@ -429,7 +363,7 @@ class SegmentLog:
                 pos = (seg.index, self._rec)
                 end = ends.get(pos)
                 if end is None:
-                    end = self._end_of(seg, self._off)
+                    end = end_of(seg, self._off)
                     if end is None:
                         break
                 self._presettled.discard(pos)
@@ -444,20 +378,5 @@ class SegmentLog:
                 self._roll()
             self.segments.pop(0)
             self._presettled = {p for p in self._presettled if p[0] != seg.index}
-            _unlink(seg.path)
+            unlink(seg.path)
             self._rec = self._off = 0
-
-    def _end_of(self, seg: _Segment, off: int) -> int | None:
-        """Where the record at ``off`` ends, from its header (it was checked when read)."""
-        try:
-            fd = os.open(seg.path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                head = os.pread(fd, _FRAME.size, off)
-            finally:
-                os.close(fd)
-        except OSError:
-            return None
-        if len(head) < _FRAME.size:
-            return None
-        end = off + _FRAME.size + _FRAME.unpack(head)[0]
-        return end if end <= seg.size else None
