@@ -124,15 +124,15 @@ class Ring(DiskSide):
 
     def _room(self, rec: ClientRecord) -> int:
         """How many more events ``rec`` may push: its fair share of the bound, less what
-        it holds, within what is free (with a spool, overflow goes to disk: only the
-        share counts)."""
+        it holds, within what is free. With a spool the overflow goes to disk (or, while
+        the disk fails, is dropped as the oldest): a push never waits for the disk."""
         free = self.max_size - len(self._ring) - self._flight_len()
         now = self._clock()
         waiting = rec.held or now - rec.refused_at < 1.0
         active = self.ledger.active_clients(now) + (0 if waiting else 1)
         share = max(self.max_size // max(active, 1), 1)
-        if self._spill and now >= self._spool_off_until:
-            return max(share - rec.held, min(share, _MIN_GRANT))
+        if self._spill:
+            return share
         room = min(free, share - rec.held)
         if room <= 0:
             return 0
@@ -194,7 +194,10 @@ class Ring(DiskSide):
             return
         self._release_owners(n, lost=True)
         self._pop_head(n)
-        self.counters.dropped_buffer += n
+        if self._spill:
+            self.counters.dropped_spool += n  # meant for the disk, which failed a moment ago
+        else:
+            self.counters.dropped_buffer += n
 
     # ---- the publish loop's side ----
     def take(self, max_count: int, max_bytes: int) -> Batch | None:
