@@ -86,17 +86,18 @@ def _worker(index: int, events: int, url: str, channel: str, runtime_dir: str, r
     """One worker process: record ``events`` events, close the client, report."""
     started = time.monotonic()
     recorded = 0
-    client = SamsaraClient(
-        url=url, sourceId=f"demo-worker-{index}", channel=channel, runtime_dir=runtime_dir,
-        publish_interval=200, min_buffer_size=1, start_publishing_thread=True,
-    )
+    # The default configuration: a burst larger than the shared buffer waits in each
+    # worker's staging until the buffer has room for it.
+    client = SamsaraClient(url=url, sourceId=f"demo-worker-{index}", channel=channel,
+                           runtime_dir=runtime_dir)
     shipped = False
     try:
         for k in range(events):
             client.record_event(eventName=EVENT_NAME, seq=k, worker=index, path=_PATHS[k % 6])
             recorded += 1
+        shipped = client.flush(timeout=60.0)  # True: every event delivered, none lost
     finally:
-        shipped = client.close(timeout=30.0)
+        shipped = client.close(timeout=30.0) and shipped
         results.put(
             {"worker": index, "recorded": recorded, "shipped": shipped,
              "seconds": time.monotonic() - started}
@@ -232,6 +233,8 @@ def _summary(args: argparse.Namespace, run: _Run, server_count: int, elapsed: fl
         ("recorded", f"{run.worker_recorded:,} by the workers, {recorded:,} reached the publisher"),
         ("delivered", f"{delivered:,} (publisher), {server_count:,} (ingestion server)"),
         ("dropped", f"{dropped:,}"),
+        ("flush()", f"True in {sum(1 for r in run.reports.values() if r.get('shipped'))} of "
+                    f"{run.expected_workers} workers"),
         ("rejected", f"{rejected:,}"),
         ("buffered", f"{buffered:,}"),
         ("elapsed", f"{elapsed:.2f} s"),
@@ -299,10 +302,7 @@ def run(args: argparse.Namespace) -> int:
             _inject_faults(srv, args.fault_rate)
         print(f"samsara-mp demo: server {srv.url}, channel {channel_name}, "
               f"{args.workers} workers x {args.events:,} events", file=out, flush=True)
-        pub = Publisher(
-            url=srv.url, channel=channel_name, runtime_dir=runtime_dir, publish_interval=200,
-            min_buffer_size=1, max_buffer_size=max(args.workers * args.events, 1),
-        )
+        pub = Publisher(url=srv.url, channel=channel_name, runtime_dir=runtime_dir)
         started = time.monotonic()
         with pub:
             results = ctx.Queue()

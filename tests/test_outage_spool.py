@@ -322,3 +322,38 @@ def test_a_next_publisher_resumes_after_what_was_delivered_and_events_in_flight_
     s = buf2.snapshot()
     assert s["spool_inherited"] == s["restored"] == s["recorded"] == 700 and _invariant(s) == 0
     assert not list((tmp_path / "outage").glob("seg-*"))
+
+
+def test_a_flush_after_the_publisher_died_mid_outage_elects_one_and_waits_for_the_disk(
+    server: IngestServer, fast_config: dict[str, Any]
+) -> None:
+    # No owner: the client elects the publisher. It is SIGKILLed during an outage with
+    # 25,000 events on disk and 5,000 in memory; the API comes back; no new event is
+    # recorded. One flush elects a new publisher and returns only once everything that
+    # was on disk is delivered; it says False, since what was in memory is lost.
+    config = _spool_config(fast_config, max_buffer_size=5_000)
+    server.set_online(False)
+    client = SamsaraClient(sourceId="s", **config)
+    try:
+        _record(client, 0, 30_000)
+        assert client.ship(timeout=30)
+        held = wait_until(lambda: (s := client.stats()["channel"])["spool_pending"] == 25_000 and s,
+                          20, "25,000 on disk")
+        assert held["buffered"] == 5_000
+        pid = client.channel.read_info()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not _running(pid), 10, "the publisher to die")
+        server.set_online(True)
+        assert client.flush(timeout=40) is False  # 5,000 went with the dead publisher's memory
+        seqs = _by_source(server)["s"]
+        # Everything that was on disk arrived once, in order, before the flush returned.
+        assert len(seqs) == 25_000 and seqs == sorted(set(seqs))
+        assert client.channel.read_info()["pid"] != pid
+    finally:
+        client.close()
+
+
+def _running(pid: int) -> bool:
+    from samsara_mp._procfs import process_running
+
+    return process_running(pid, None)
