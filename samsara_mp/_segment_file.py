@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["Segment", "Position", "FRAME", "MAX_RECORD", "Damaged", "scan", "end_of", "unlink"]
+__all__ = ["Segment", "Position", "FRAME", "MAX_RECORD", "Damaged", "scan", "end_of", "unlink",
+           "find_segments", "load_cursor", "save_cursor"]
 
 log = logging.getLogger("samsara_mp")
 
@@ -113,3 +115,54 @@ def end_of(seg: Segment, off: int) -> int | None:
         return None
     end = off + FRAME.size + FRAME.unpack(head)[0]
     return end if end <= seg.size else None
+
+
+def find_segments(directory: Path) -> list[Segment]:
+    """The segment files an earlier publisher left, oldest first; any that is not ours or
+    not a regular file is refused (another user could have planted it)."""
+    uid = os.geteuid()
+    found = []
+    for path in directory.glob("seg-*.smp"):
+        try:
+            index = int(path.name[4:-4])
+            st = os.lstat(path)
+        except (ValueError, OSError):
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+            log.error("samsara_mp: spool segment %s is not ours or not a file; not sending it", path)
+            continue
+        found.append(Segment(index, path, st.st_size, own=False))
+    found.sort(key=lambda s: s.index)
+    return found
+
+
+# The cursor says how far the first segment was delivered, so a next publisher does not
+# send it again. Written on every move and renamed into place, not fsynced: a cursor lost
+# to a power cut only means duplicates.
+
+def load_cursor(directory: Path, first: Segment | None) -> tuple[int, int]:
+    """(record, offset) delivered so far in ``first``; (0, 0) when none is saved for it."""
+    try:
+        index, rec, off = (int(x) for x in (directory / "cursor").read_text().split())
+    except (OSError, ValueError):
+        return 0, 0
+    if first is None or first.index != index or not 0 <= off <= first.size:
+        return 0, 0
+    log.info("samsara_mp: outage spool resumes at record %d of %s (delivered before)",
+             rec, first.path.name)
+    return rec, off
+
+
+def save_cursor(directory: Path, first: Segment | None, rec: int, off: int) -> None:
+    path = directory / "cursor"
+    if first is None or not off:
+        unlink(path)
+        return
+    tmp = directory / ".cursor"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{first.index} {rec} {off}\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk: the next publisher may resend some events
+        log.warning("samsara_mp: cannot save the outage spool's cursor: %s", exc)

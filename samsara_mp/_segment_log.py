@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._segment_file import FRAME, Damaged, Position, Segment, end_of, scan, unlink
+from ._segment_file import (
+    FRAME,
+    Damaged,
+    Position,
+    Segment,
+    end_of,
+    find_segments,
+    load_cursor,
+    save_cursor,
+    scan,
+    unlink,
+)
 
 __all__ = ["SegmentLog", "Position"]
 
@@ -72,19 +82,7 @@ class SegmentLog:
 
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ensure_private_dir(self.dir, "outage spool directory")
-        uid = os.geteuid()
-        found = []
-        for path in self.dir.glob("seg-*.smp"):
-            try:
-                index = int(path.name[4:-4])
-                st = os.lstat(path)
-            except (ValueError, OSError):
-                continue
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
-                log.error("samsara_mp: spool segment %s is not ours or not a file; not sending it", path)
-                continue
-            found.append(Segment(index, path, st.st_size, own=False))
-        found.sort(key=lambda s: s.index)
+        found = find_segments(self.dir)
         self.segments = [s for s in found if s.size > 0]
         for s in found:
             if s.size == 0:
@@ -96,33 +94,13 @@ class SegmentLog:
             log.info("samsara_mp: resuming an outage spool of %d segments (%d bytes) in %s",
                      len(self.segments), self.nbytes, self.dir)
 
-    # ---- the cursor: how far the head segment was delivered, so a next publisher
-    # does not send it again (written on every move, renamed into place; not fsynced:
-    # a cursor lost to a power cut only means duplicates) ----
     def _load_cursor(self) -> None:
-        path = self.dir / "cursor"
-        try:
-            index, rec, off = (int(x) for x in path.read_text().split())
-        except (OSError, ValueError):
-            return
-        if self.segments and self.segments[0].index == index and 0 <= off <= self.segments[0].size:
-            self._rec, self._off = rec, off
-            log.info("samsara_mp: outage spool resumes at record %d of %s (delivered before)",
-                     rec, self.segments[0].path.name)
+        first = self.segments[0] if self.segments else None
+        self._rec, self._off = load_cursor(self.dir, first)
 
     def _save_cursor(self) -> None:
-        path = self.dir / "cursor"
-        if not self.segments or not self._off:
-            unlink(path)
-            return
-        tmp = self.dir / ".cursor"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{self.segments[0].index} {self._rec} {self._off}\n")
-            os.replace(tmp, path)
-        except OSError as exc:  # a full disk: the next publisher may resend some events
-            log.warning("samsara_mp: cannot save the outage spool's cursor: %s", exc)
+        first = self.segments[0] if self.segments else None
+        save_cursor(self.dir, first, self._rec, self._off)
 
     @property
     def nbytes(self) -> int:

@@ -16,14 +16,15 @@ cannot count anything twice, and nothing needs undoing.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
-__all__ = ["Counters", "ClientRecord", "Ledger", "MAX_REMEMBERED_CLIENTS", "unaccounted"]
+__all__ = ["Counters", "ClientRecord", "Ledger", "OwnerRuns", "MAX_REMEMBERED_CLIENTS", "unaccounted"]
 
 # Workers are recycled (gunicorn, Celery): each new process is a new client, so
 # the table of clients is bounded; a forgotten client's counts stay in the totals.
 MAX_REMEMBERED_CLIENTS = 10_000
+_MIN_GRANT = 64
 
 
 class Counters:
@@ -119,10 +120,65 @@ class Ledger:
             c.sampled_out += sampled - rec.sampled_out
             rec.sampled_out = sampled
 
+    def room(self, rec: ClientRecord, free: int, max_size: int, spill: bool, now: float) -> int:
+        """How many more events ``rec`` may push: its fair share of ``max_size``, less what
+        it holds, within what is ``free``. With a spool (``spill``) the overflow goes to
+        disk (or, while the disk fails, is dropped as the oldest): a push never waits for
+        the disk, so the share alone counts."""
+        waiting = rec.held or now - rec.refused_at < 1.0
+        active = self.active_clients(now) + (0 if waiting else 1)
+        share = max(max_size // max(active, 1), 1)
+        if spill:
+            return share
+        room = min(free, share - rec.held)
+        if room <= 0:
+            return 0
+        # Never less than a few dozen while there is any room: one push of them is
+        # cheaper than many tiny ones.
+        return min(max(room, min(_MIN_GRANT, free)), free)
+
     def active_clients(self, now: float) -> int:
         """Clients that hold events in the ring, or were refused room within a second
         (a worker waiting for room counts, so it is not starved by a busy one)."""
         return sum(1 for rec in self.clients.values() if rec.held or now - rec.refused_at < 1.0)
+
+
+class OwnerRuns:
+    """Whose each event of the ring is, as runs of ``[client record, count]``, oldest first
+    (a push is one run): the ring drops or hands over the oldest, and each client's
+    ``held`` (and ``lost``) follow."""
+
+    def __init__(self) -> None:
+        self.runs: deque[list[Any]] = deque()
+
+    def append(self, rec: ClientRecord | None, n: int) -> None:
+        runs = self.runs
+        if runs and runs[-1][0] is rec:
+            runs[-1][1] += n
+        else:
+            runs.append([rec, n])
+
+    def release(self, n: int, lost: bool = False) -> None:
+        """The ``n`` oldest leave the ring for good (``lost``: dropped for lack of room)."""
+        for rec, k in self.take(n):
+            if rec is not None:
+                rec.held -= k
+                if lost:
+                    rec.lost += k
+
+    def take(self, n: int) -> list[list[Any]]:
+        """The runs of the ``n`` oldest, moved out (into a batch in flight: still held)."""
+        runs = self.runs
+        out: list[list[Any]] = []
+        while n:
+            run = runs[0]
+            k = min(n, run[1])
+            out.append([run[0], k])
+            run[1] -= k
+            n -= k
+            if not run[1]:
+                runs.popleft()
+        return out
 
 
 def unaccounted(snap: dict[str, Any]) -> int:

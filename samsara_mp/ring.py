@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._batch import Batch
 from ._ring_disk import DiskSide
-from .ledger import ClientRecord, Ledger
+from .ledger import ClientRecord, Ledger, OwnerRuns
 
 if TYPE_CHECKING:
     from ._segment_log import SegmentLog
@@ -35,11 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("samsara_mp")
 
 __all__ = ["Ring", "Batch"]
-
-# A client is never told less room than this while the ring has any: one push
-# of a few hundred events is cheaper than many tiny ones.
-_MIN_GRANT = 64
-
 
 class Ring(DiskSide):
     """Bounded ring with an in-flight slot, room per client, and exact counters."""
@@ -52,8 +47,7 @@ class Ring(DiskSide):
         self._spool_off_until = 0.0
         self._spool_error_logged = -1e9
         self._ring: deque[bytes] = deque()
-        # Runs of [client record, count] beside the ring, oldest first.
-        self._owners: deque[list[Any]] = deque()
+        self._owners = OwnerRuns()  # whose each event of the ring is
         self._bytes = 0
         self._head_seq = 0  # the seq of self._ring[0]
         self.in_flight: Batch | None = None
@@ -106,11 +100,7 @@ class Ring(DiskSide):
             self._oldest_since = self._clock()
         self._ring.extend(payloads)
         self._bytes += sum(map(len, payloads))
-        owners = self._owners
-        if owners and owners[-1][0] is rec:
-            owners[-1][1] += n
-        else:
-            owners.append([rec, n])
+        self._owners.append(rec, n)
         over = len(self._ring) + self._flight_len() - self.max_size
         if over > 0:
             self._make_room(min(over, len(self._ring)))
@@ -123,20 +113,9 @@ class Ring(DiskSide):
         return len(flight.payloads) if flight is not None and flight.positions is None else 0
 
     def _room(self, rec: ClientRecord) -> int:
-        """How many more events ``rec`` may push: its fair share of the bound, less what
-        it holds, within what is free. With a spool the overflow goes to disk (or, while
-        the disk fails, is dropped as the oldest): a push never waits for the disk."""
+        """How many more events ``rec`` may push now (``Ledger.room``)."""
         free = self.max_size - len(self._ring) - self._flight_len()
-        now = self._clock()
-        waiting = rec.held or now - rec.refused_at < 1.0
-        active = self.ledger.active_clients(now) + (0 if waiting else 1)
-        share = max(self.max_size // max(active, 1), 1)
-        if self._spill:
-            return share
-        room = min(free, share - rec.held)
-        if room <= 0:
-            return 0
-        return min(max(room, min(_MIN_GRANT, free)), free)
+        return self.ledger.room(rec, free, self.max_size, self._spill, self._clock())
 
     def room_for(self, client_id: str) -> int:
         with self._lock:
@@ -156,34 +135,7 @@ class Ring(DiskSide):
         return taken
 
     def _release_owners(self, n: int, lost: bool = False) -> None:
-        """The ``n`` oldest owner entries leave the ring (under the lock)."""
-        owners = self._owners
-        while n:
-            run = owners[0]
-            k = min(n, run[1])
-            rec = run[0]
-            if rec is not None:
-                rec.held -= k
-                if lost:
-                    rec.lost += k
-            run[1] -= k
-            n -= k
-            if not run[1]:
-                owners.popleft()
-
-    def _take_owners(self, n: int) -> list[list[Any]]:
-        """The owner runs of the ``n`` oldest, moved out of the ring's (they stay held)."""
-        owners = self._owners
-        out: list[list[Any]] = []
-        while n:
-            run = owners[0]
-            k = min(n, run[1])
-            out.append([run[0], k])
-            run[1] -= k
-            n -= k
-            if not run[1]:
-                owners.popleft()
-        return out
+        self._owners.release(n, lost)
 
     def _make_room(self, n: int) -> None:
         """Past the bound: the ``n`` oldest of the ring go to the spool, or are dropped."""
@@ -225,7 +177,7 @@ class Ring(DiskSide):
                 n = max(bisect_right(sizes, max_bytes), 1)
                 del payloads[n:]
                 nbytes, full = sizes[n - 1], True
-            batch = Batch(self._head_seq, payloads, self._take_owners(n), nbytes, full)
+            batch = Batch(self._head_seq, payloads, self._owners.take(n), nbytes, full)
             # Out of the ring, still buffered: the bytes stay counted until settled.
             if n == len(ring):
                 ring.clear()
