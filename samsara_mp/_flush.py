@@ -159,7 +159,10 @@ class Flush:
 
 
 def _parse(answer: Any) -> tuple[bool | None, int | None]:
-    """A publisher's flush answer: (done, events of this client the ring dropped)."""
-    if isinstance(answer, tuple) and len(answer) == 2:
-        return bool(answer[0]), int(answer[1])
-    return (None, None) if answer is None else (bool(answer), None)
+    """A publisher's flush answer, ``(done, events of this client its ring dropped)``;
+    (None, None) when there was none, or it is not that."""
+    try:
+        done, lost = answer
+        return bool(done), int(lost)
+    except (TypeError, ValueError):
+        return None, None
