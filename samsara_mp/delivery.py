@@ -3,9 +3,10 @@
 A 2xx delivers the batch. A 400 whose body is the API's positional answer
 (one entry per event, ``"OK"`` for the valid ones) rejects exactly the events
 it marks and resends the rest; any other 400, and a 413, splits the batch in
-halves until the bad or oversized events stand alone. 408, 429, 5xx and
-network failures stop the settlement with a retry hint; what was settled
-before them stays settled. Other 4xx reject the batch (logged and counted).
+halves until the bad or oversized events stand alone. 408, 429, 5xx, 3xx,
+401/403/407 (refused credentials: the events are fine) and network failures
+stop the settlement with a retry hint; what was settled before them stays
+settled. Other 4xx reject the batch (logged and counted).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._redact import redact_url
-from .retry import is_redirect_status, is_retryable_status, parse_retry_after
+from .retry import is_auth_failure, is_redirect_status, is_retryable_status, parse_retry_after
 from .transport import Body, HTTPAnswer, Transport, TransportError
 
 __all__ = ["Outcome", "settle"]
@@ -30,6 +31,7 @@ class Outcome:
     __slots__ = (
         "delivered", "rejected", "retry", "retry_after", "error", "status", "requests",
         "raw_bytes", "sent_bytes", "statuses", "reject_reasons", "last_answer", "pending",
+        "auth_failure",
     )
 
     def __init__(self) -> None:
@@ -46,6 +48,8 @@ class Outcome:
         self.reject_reasons: list[str] = []
         self.last_answer: HTTPAnswer | None = None
         self.pending = 0
+        # The status (401, 403, 407) when the credentials were refused.
+        self.auth_failure: int | None = None
 
     def __repr__(self) -> str:
         return (f"Outcome(delivered={len(self.delivered)}, rejected={len(self.rejected)}, "
@@ -102,6 +106,13 @@ def settle(
             out.retry = True
             out.retry_after = parse_retry_after(_header(answer, "Retry-After"), now)
             out.error = f"HTTP {status}: {answer.text(200)}"
+            raise _Stop
+        if is_auth_failure(status):
+            out.retry = True
+            out.auth_failure = status
+            out.retry_after = parse_retry_after(_header(answer, "Retry-After"), now)
+            out.error = (f"HTTP {status}: the credentials were refused; events kept and retried "
+                         f"(check the url's credentials, headers or proxy): {answer.text(200)}")
             raise _Stop
         if is_redirect_status(status):
             out.retry = True
