@@ -1,6 +1,7 @@
 """Settle one batch with the API: what was delivered, what was rejected, what waits.
 
-A 2xx delivers the batch. A 400 whose body is the API's positional answer
+A 2xx delivers the batch (one unlike the API's 202 with JSON is logged once as a
+likely misrouting). A 400 whose body is the API's positional answer
 (one entry per event, ``"OK"`` for the valid ones) rejects exactly the events
 it marks and resends the rest; any other 400, and a 413, splits the batch in
 halves until the bad or oversized events stand alone. 408, 429, 5xx, 3xx,
@@ -23,6 +24,9 @@ from .transport import Body, HTTPAnswer, Transport, TransportError
 __all__ = ["Outcome", "settle"]
 
 log = logging.getLogger("samsara_mp")
+# Whether this process has said that a 2xx did not look like the API's (once: it is a
+# misrouting that stays until someone fixes the network, and every batch would repeat it).
+_warned_odd_2xx = False
 
 
 class Outcome:
@@ -101,6 +105,7 @@ def settle(
         status = answer.status
         if answer.ok:
             out.delivered.extend(indexes)
+            _check_2xx(answer)
             return []
         if is_retryable_status(status):
             out.retry = True
@@ -150,6 +155,21 @@ def settle(
         pass
     out.pending = len(payloads) - len(out.delivered) - len(out.rejected)
     return out
+
+
+def _check_2xx(answer: HTTPAnswer) -> None:
+    """The API answers 202 with JSON: another 2xx, or an HTML page, is most likely a proxy
+    or a load balancer answering in its place. Counted delivered (it said 2xx), logged once."""
+    global _warned_odd_2xx
+    if _warned_odd_2xx:
+        return
+    html = answer.body.lstrip()[:1] == b"<" or "html" in (_header(answer, "Content-Type") or "")
+    if answer.status != 202 or html:
+        _warned_odd_2xx = True
+        log.warning(
+            "samsara_mp: the API answered HTTP %d%s, not its 202 with JSON: a proxy or load "
+            "balancer may be answering in its place (check the url and proxy); counted "
+            "delivered. Said once per process.", answer.status, " with an HTML page" if html else "")
 
 
 def _header(answer: HTTPAnswer, name: str) -> str | None:
