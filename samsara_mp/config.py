@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _redact
+from . import _network, _redact
 from ._env import ENV_PREFIX, callable_path, export_to_env, read_env, resolve_callable
 from ._redact import redact_url
 from .errors import InvalidConfiguration
@@ -91,6 +91,14 @@ class Config:
     # Extra HTTP headers for every POST (an Authorization for a proxy in front of the
     # API): as secret as the URL's credentials, never logged, shown or put on argv.
     headers: Mapping[str, str] | None = None
+    # The connection (README, "Proxies and TLS"): None takes HTTPS_PROXY/HTTP_PROXY/ALL_PROXY/
+    # NO_PROXY and REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE as requests does, read where the config is
+    # built. The proxy's credentials are as secret as the URL's.
+    proxy: str | None = None
+    ca_bundle: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    verify: bool = True
 
     def __init__(self, **values: Any) -> None:
         for name in KEYS:
@@ -128,11 +136,16 @@ class Config:
         shown["url"] = _redact.redact_url(self.url)
         if self.headers:
             shown["headers"] = _redact.redact_headers(self.headers)
+        if isinstance(self.proxy, str):
+            shown["proxy"] = _redact.redact_url_safe(self.proxy)
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @classmethod
     def build(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
-        """Merge keyword arguments > environment > defaults, validating each key."""
+        """Merge keyword arguments > environment > defaults, validating each key.
+
+        Reading this process's environment (``env`` None), ``proxy`` and ``ca_bundle``
+        not given come from requests' variables (:func:`_network.from_environ`)."""
         env = os.environ if env is None else env
         check_keys(kwargs)
         # An explicit None means "not given" (the environment may fill it in),
@@ -145,6 +158,8 @@ class Config:
             values["url"] = OFFLINE_URL  # a disabled client needs no url: it never sends
         if "url" not in values or values["url"] is None:
             raise InvalidConfiguration("url", f"missing: pass url=... or set {ENV_PREFIX}URL")
+        if env is os.environ and isinstance(values["url"], str):
+            values |= _network.from_environ(values["url"], values, env)
         config = cls(**values)
         config._validate()
         return config
@@ -260,7 +275,8 @@ class Config:
             )
         if self.backoff_cap < self.backoff_base:
             raise InvalidConfiguration("backoff_cap", "must be at least backoff_base")
-        _check_headers(self.headers)
+        _network.check_headers(self.headers)
+        _network.check_network(self.proxy, self.ca_bundle, self.client_cert, self.client_key, self.verify)
         if self.compression not in _COMPRESSIONS:
             raise InvalidConfiguration("compression", f"{self.compression!r} is not one of {_COMPRESSIONS}")
         _check_int("compression_level", self.compression_level, minimum=1)
@@ -352,36 +368,6 @@ def _check_url(url: object) -> None:
             "url", f"{shown!r} must be a base URL without '?' or '#', and "
             "credentials must be percent-encoded (a password's '/' as %2F, '?' as %3F, '#' as %23)",
         )
-
-
-# Headers samsara_mp sets itself; a configured one of these would break the protocol.
-_RESERVED_HEADERS = frozenset(
-    {"content-type", "content-encoding", "content-length", "accept", "host",
-     "transfer-encoding", "x-samsara-publishedtimestamp"}
-)
-
-
-def _check_headers(headers: object) -> None:
-    if headers is None:
-        return
-    if not isinstance(headers, Mapping):
-        raise InvalidConfiguration(
-            "headers", f"must be a mapping of header names to strings, not {type(headers).__name__}"
-        )
-    for index, (name, value) in enumerate(headers.items()):
-        fault = _redact.header_name_fault(name)
-        if fault is not None:
-            raise InvalidConfiguration("headers", f"header #{index + 1}'s name {fault}")
-        if name.lower() in _RESERVED_HEADERS:
-            raise InvalidConfiguration("headers", f"{name!r} is set by samsara_mp itself")
-        # The value is secret: say what is wrong with it, never what it is.
-        if not isinstance(value, str):
-            raise InvalidConfiguration(
-                "headers", f"the value of {name!r} must be a string, not {type(value).__name__}"
-            )
-        fault = _redact.header_value_fault(value)
-        if fault is not None:
-            raise InvalidConfiguration("headers", f"the value of {name!r} {fault}")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

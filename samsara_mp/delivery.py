@@ -1,11 +1,13 @@
 """Settle one batch with the API: what was delivered, what was rejected, what waits.
 
-A 2xx delivers the batch. A 400 whose body is the API's positional answer
+A 2xx delivers the batch (one unlike the API's 202 with JSON is logged once as a
+likely misrouting). A 400 whose body is the API's positional answer
 (one entry per event, ``"OK"`` for the valid ones) rejects exactly the events
 it marks and resends the rest; any other 400, and a 413, splits the batch in
-halves until the bad or oversized events stand alone. 408, 429, 5xx and
-network failures stop the settlement with a retry hint; what was settled
-before them stays settled. Other 4xx reject the batch (logged and counted).
+halves until the bad or oversized events stand alone. 408, 429, 5xx, 3xx,
+401/403/407 (refused credentials: the events are fine) and network failures
+stop the settlement with a retry hint; what was settled before them stays
+settled. Other 4xx reject the batch (logged and counted).
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._redact import redact_url
-from .retry import is_redirect_status, is_retryable_status, parse_retry_after
+from .retry import is_auth_failure, is_redirect_status, is_retryable_status, parse_retry_after
 from .transport import Body, HTTPAnswer, Transport, TransportError
 
 __all__ = ["Outcome", "settle"]
 
 log = logging.getLogger("samsara_mp")
+# Whether this process has said that a 2xx did not look like the API's (once: it is a
+# misrouting that stays until someone fixes the network, and every batch would repeat it).
+_warned_odd_2xx = False
 
 
 class Outcome:
@@ -30,6 +35,7 @@ class Outcome:
     __slots__ = (
         "delivered", "rejected", "retry", "retry_after", "error", "status", "requests",
         "raw_bytes", "sent_bytes", "statuses", "reject_reasons", "last_answer", "pending",
+        "auth_failure",
     )
 
     def __init__(self) -> None:
@@ -46,6 +52,8 @@ class Outcome:
         self.reject_reasons: list[str] = []
         self.last_answer: HTTPAnswer | None = None
         self.pending = 0
+        # The status (401, 403, 407) when the credentials were refused.
+        self.auth_failure: int | None = None
 
     def __repr__(self) -> str:
         return (f"Outcome(delivered={len(self.delivered)}, rejected={len(self.rejected)}, "
@@ -97,11 +105,19 @@ def settle(
         status = answer.status
         if answer.ok:
             out.delivered.extend(indexes)
+            _check_2xx(answer)
             return []
         if is_retryable_status(status):
             out.retry = True
             out.retry_after = parse_retry_after(_header(answer, "Retry-After"), now)
             out.error = f"HTTP {status}: {answer.text(200)}"
+            raise _Stop
+        if is_auth_failure(status):
+            out.retry = True
+            out.auth_failure = status
+            out.retry_after = parse_retry_after(_header(answer, "Retry-After"), now)
+            out.error = (f"HTTP {status}: the credentials were refused; events kept and retried "
+                         f"(check the url's credentials, headers or proxy): {answer.text(200)}")
             raise _Stop
         if is_redirect_status(status):
             out.retry = True
@@ -139,6 +155,21 @@ def settle(
         pass
     out.pending = len(payloads) - len(out.delivered) - len(out.rejected)
     return out
+
+
+def _check_2xx(answer: HTTPAnswer) -> None:
+    """The API answers 202 with JSON: another 2xx, or an HTML page, is most likely a proxy
+    or a load balancer answering in its place. Counted delivered (it said 2xx), logged once."""
+    global _warned_odd_2xx
+    if _warned_odd_2xx:
+        return
+    html = answer.body.lstrip()[:1] == b"<" or "html" in (_header(answer, "Content-Type") or "")
+    if answer.status != 202 or html:
+        _warned_odd_2xx = True
+        log.warning(
+            "samsara_mp: the API answered HTTP %d%s, not its 202 with JSON: a proxy or load "
+            "balancer may be answering in its place (check the url and proxy); counted "
+            "delivered. Said once per process.", answer.status, " with an HTML page" if html else "")
 
 
 def _header(answer: HTTPAnswer, name: str) -> str | None:

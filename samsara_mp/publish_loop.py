@@ -72,7 +72,12 @@ class PublishLoop:
             "last_error_at": None,
             "last_success_at": None,
             "backoff_until": None,
+            # The API refuses the credentials (401/403, or a proxy's 407) since the
+            # last delivery: the events wait, and `samsara-mp status` fails.
+            "auth_failing": False,
+            "last_auth_failure_at": None,
         }
+        self._auth_logged_at: float | None = None
 
     @property
     def transport(self) -> Transport:
@@ -231,6 +236,18 @@ class PublishLoop:
             s["statuses"][status] = s["statuses"].get(status, 0) + count
         if outcome.delivered:
             s["last_success_at"] = time.time()
+        if outcome.auth_failure is not None:
+            s["auth_failing"] = True
+            s["last_auth_failure_at"] = time.time()
+            now = time.monotonic()
+            # ERROR, as nothing is delivered until someone fixes the credentials; once a
+            # minute, as a rotation or an expired key would otherwise log every backoff.
+            if self._auth_logged_at is None or now - self._auth_logged_at >= 60.0:
+                self._auth_logged_at = now
+                log.error("samsara_mp: the API answers HTTP %d: the credentials are refused; "
+                          "%d events kept and retried", outcome.auth_failure, len(self.buffer))
+        elif outcome.delivered:
+            s["auth_failing"] = False
         if outcome.error:
             s["last_error"] = outcome.error
             s["last_error_at"] = time.time()

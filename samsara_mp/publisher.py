@@ -114,6 +114,10 @@ class PublisherProcess:
             lock.release()
 
     def _serve(self) -> int:
+        if not self.config.verify:
+            # Said at every start, not once: whoever reads this publisher's log must see it.
+            log.warning("samsara_mp: verify=False: the API's TLS certificate is not checked; "
+                        "anyone on the path can read and change the events")
         key = self.channel.ensure_authkey()
         try:
             os.unlink(self.channel.socket_path)  # a dead publisher's; we hold the lock

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["RetryPolicy", "parse_retry_after", "is_retryable_status"]
+__all__ = ["RetryPolicy", "parse_retry_after", "is_retryable_status", "is_auth_failure"]
 
 _RETRYABLE = frozenset({408, 429})
 
@@ -25,6 +25,15 @@ _RETRYABLE = frozenset({408, 429})
 def is_retryable_status(status: int) -> bool:
     """408, 429 and every 5xx are worth trying again as a whole."""
     return status in _RETRYABLE or 500 <= status <= 599
+
+
+# The events are fine, the credentials are not (a rotation, a proxy's login): keep them.
+_AUTH_FAILURES = frozenset({401, 403, 407})
+
+
+def is_auth_failure(status: int) -> bool:
+    """401, 403 and a proxy's 407: refused credentials, retried with the events kept."""
+    return status in _AUTH_FAILURES
 
 
 def is_redirect_status(status: int) -> bool:

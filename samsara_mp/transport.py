@@ -139,6 +139,9 @@ class Transport:
         compression_level: int = 1,
         session: requests.Session | None = None,
         headers: Mapping[str, str] | None = None,
+        proxy: str | None = None,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.timeout = (timeout_s, timeout_s)
@@ -147,11 +150,23 @@ class Transport:
         import requests  # here, not at import: the publisher serves before it loads requests
 
         self.session = session or requests.Session()
-        self.session.trust_env = False  # never route loopback or the API through a proxy env
+        # The environment was read where the config was built (config.proxy, ca_bundle):
+        # the publisher's own must not add to it, or differ from the client's.
+        self.session.trust_env = False
+        self._send_options: dict[str, Any] = {
+            "proxies": {"http": proxy, "https": proxy} if proxy else {},
+            "verify": verify,
+            "cert": cert,
+        }
+        # Secrets an error message of urllib3 may quote (a proxy URL with its credentials).
+        self._secrets = _url_secrets(endpoint) | (_url_secrets(proxy) if proxy else set())
         for adapter in self.session.adapters.values():
-            poolmanager = getattr(adapter, "poolmanager", None)
-            if poolmanager is not None:
-                poolmanager.pool_classes_by_scheme = _watched_pool_classes()
+            managers = [getattr(adapter, "poolmanager", None)]
+            if proxy and proxy.startswith(("http://", "https://")) and hasattr(adapter, "proxy_manager_for"):
+                managers.append(adapter.proxy_manager_for(proxy))  # made once, cached by the adapter
+            for manager in managers:
+                if manager is not None:
+                    manager.pool_classes_by_scheme = _watched_pool_classes()
         self._headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -170,9 +185,12 @@ class Transport:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Transport:
-        """The transport a configuration describes (endpoint, timeout, compression, headers)."""
+        """The transport a configuration describes (endpoint, timeout, compression, headers,
+        proxy and TLS)."""
+        verify: bool | str = cfg.ca_bundle if cfg.verify and cfg.ca_bundle else cfg.verify
+        cert = (cfg.client_cert, cfg.client_key) if cfg.client_cert and cfg.client_key else cfg.client_cert
         return cls(cfg.endpoint, cfg.send_timeout_s, cfg.compression, cfg.compression_level,
-                   headers=cfg.headers)
+                   headers=cfg.headers, proxy=cfg.proxy, verify=verify, cert=cert)
 
     def encode(self, payloads: Sequence[bytes]) -> Body:
         """Join a batch into one JSON array and compress it as configured."""
@@ -197,22 +215,43 @@ class Transport:
         try:
             # Never follow a redirect: requests would turn the POST into a GET,
             # and its 200 would count events as delivered that the API never took.
-            resp = self.session.send(prep, timeout=self.timeout, allow_redirects=False)
+            resp = self.session.send(prep, timeout=self.timeout, allow_redirects=False,
+                                     **self._send_options)
             content = resp.content
         except _request_exception() as exc:
             if deadline.cut:
                 raise TransportError(
                     f"no complete answer within send_timeout ({self.timeout[1]:g}s)", body.raw_bytes, exc
                 ) from exc
-            raise TransportError(f"{type(exc).__name__}: {exc}", body.raw_bytes, exc) from exc
+            raise TransportError(self._scrub(f"{type(exc).__name__}: {exc}"), body.raw_bytes, exc) from None
         finally:
             deadline.cancel()
         if deadline.cut:  # cut just as the answer completed: the connection is closed, the answer whole
             log.debug("samsara_mp: a POST's deadline passed as its answer arrived")
         return HTTPAnswer(resp.status_code, dict(resp.headers), content, body.raw_bytes, len(body.data))
 
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
     def close(self) -> None:
         self.session.close()
+
+
+def _url_secrets(url: str) -> set[str]:
+    """A URL's password, as written and decoded, and its whole user part: what must
+    never reach a log, stats or an error."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return set()
+    userinfo = parts.netloc.rpartition("@")[0]
+    found = {userinfo, unquote(userinfo)}
+    if parts.password:
+        found |= {parts.password, unquote(parts.password)}
+    return {s for s in found if s}
 
 
 # The urllib3 connection each thread's POST is using, so that its deadline can cut it.

@@ -62,6 +62,8 @@ def format_stats(stats: dict[str, Any]) -> str:
         ("retries", f"{stats.get('retries', 0):,}"),
         ("last_error", f"{error} at {_when(stats.get('last_error_at'))}" if error else "none"),
         ("last_success_at", _when(stats.get("last_success_at"))),
+        ("credentials", f"REFUSED (HTTP 401/403/407) at {_when(stats.get('last_auth_failure_at'))}"
+                        if stats.get("auth_failing") else "ok"),
         ("loop", "alive" if stats.get("loop_alive", True) else "DEAD"),
         ("loop_errors", f"{stats.get('loop_errors', 0):,}"),
         ("oldest_buffered", _duration(float(stats.get("oldest_buffered_age_s", 0.0)))

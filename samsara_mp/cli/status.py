@@ -52,9 +52,10 @@ def _fetch_stats(config: Config, timeout: float) -> dict[str, Any]:
 
 
 def healthy(stats: dict[str, Any]) -> bool:
-    """A publisher whose loop runs and whose events do not wait past a few intervals;
-    ``status`` exits 1 otherwise, so a health check can act on it."""
-    return bool(stats.get("loop_alive", False)) and not stats.get("stale", False)
+    """A publisher whose loop runs, whose events do not wait past a few intervals, and
+    whose credentials the API takes; ``status`` exits 1 otherwise, so a health check can act."""
+    return (bool(stats.get("loop_alive", False)) and not stats.get("stale", False)
+            and not stats.get("auth_failing", False))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ modules beside this one; their public names are re-exported here.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from http.server import ThreadingHTTPServer
@@ -53,9 +54,11 @@ class _Listener(ThreadingHTTPServer):
         core: _Core,
         prefix: str,
         max_body_bytes: int,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self.ssl_context = ssl_context
         self.core = core
         self.prefix = prefix
         self.max_body_bytes = max_body_bytes
@@ -79,11 +82,26 @@ class _Listener(ThreadingHTTPServer):
         thread.start()
 
     def _serve_connection(self, request: Any, client_address: Any) -> None:
+        raw = request
         try:
+            if self.ssl_context is not None:
+                # The handshake runs in the connection's thread, not the accept loop, so a
+                # client that never completes it holds up no one else.
+                # Registered before the handshake, so that stop() can cut a stalled one.
+                request = self.ssl_context.wrap_socket(
+                    raw, server_side=True, do_handshake_on_connect=False)
+                with self._conn_lock:
+                    self._conns[request] = self._conns.pop(raw, threading.current_thread())
+                try:
+                    request.do_handshake()
+                except (OSError, ValueError):
+                    request.close()  # refused: no certificate, an untrusted one, or not TLS
+                    return
             self.process_request_thread(request, client_address)
         finally:
             with self._conn_lock:
                 self._conns.pop(request, None)
+                self._conns.pop(raw, None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if self.core.verbose:
@@ -114,7 +132,8 @@ class IngestServer:
 
     ``store``: "memory" keeps accepted events, "file" appends them as JSON lines
     to ``out_path``, "both" does both, "count" only validates and counts.
-    ``admin_port=None`` runs no admin listener. Not restartable once stopped.
+    ``admin_port=None`` runs no admin listener. ``ssl_context`` (a server context)
+    makes the API listener serve HTTPS. Not restartable once stopped.
     """
 
     def __init__(
@@ -129,6 +148,7 @@ class IngestServer:
         verbose: bool = False,
         max_body_bytes: int = 64 * 1024 * 1024,
         max_request_log: int = 100_000,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if store not in STORES:
             raise ValueError(f"store: must be one of {STORES}, got {store!r}")
@@ -139,6 +159,9 @@ class IngestServer:
         self._admin_port = admin_port
         self.prefix = _normalise_prefix(prefix)
         self._max_body_bytes = max_body_bytes
+        # The API listener serves HTTPS with it (tests of CAs and client certificates);
+        # the admin listener stays plain HTTP.
+        self._ssl_context = ssl_context
         self._core = _Core(store, str(out_path) if out_path else None, max_request_log, verbose)
         self._lifecycle = threading.Lock()
         self._listeners: list[_Listener] = []
@@ -164,6 +187,7 @@ class IngestServer:
                         self._core,
                         self.prefix,
                         self._max_body_bytes,
+                        self._ssl_context,
                     )
                 )
                 if self._admin_port is not None:
@@ -230,7 +254,8 @@ class IngestServer:
             raise RuntimeError("listener not started" if index == 0 else "no admin listener")
         host, port = self._listeners[index].server_address[:2]
         host = str(host)
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if index == 0 and self._ssl_context is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     @property
     def port(self) -> int:
