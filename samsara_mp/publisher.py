@@ -30,7 +30,7 @@ from .channel import EXIT_LOST_ELECTION, Channel, Flock, ensure_private_dir
 from .config import Config
 from .errors import ChannelError, InvalidConfiguration
 from .hooks import OutcomeHooks
-from .ipc import IPCError, Server
+from .ipc import IPCError, ProtocolViolation, Server
 from .publish_loop import PublishLoop
 from .retry import RetryPolicy
 from .ring import Ring
@@ -250,8 +250,8 @@ class PublisherProcess:
         if method == "stats":
             return self.stats(_opt_str(args))
         if method == "flush":
-            if not args or not isinstance(args[0], int | float):
-                raise TypeError("flush takes a timeout in seconds")
+            if not args or type(args[0]) not in (int, float) or not 0 <= args[0] < float("inf"):
+                raise ProtocolViolation("flush takes a timeout in seconds")
             target = self.loop.request_flush()
             done = self.loop.wait_flushed(target, min(float(args[0]), 3600.0))
             client = self.buffer.snapshot(_opt_str(args[1:])).get("client") or {}
@@ -260,7 +260,7 @@ class PublisherProcess:
             return self.instance
         if method == "ping":
             return os.getpid()
-        raise ValueError(f"unknown method {method!r}")
+        raise ProtocolViolation(f"unknown method {method[:40]!r}")
 
     def stats(self, client_id: str | None = None) -> dict[str, Any]:
         """The channel's counters; with a client's id, also the last push seq taken
@@ -274,6 +274,7 @@ class PublisherProcess:
             publisher_pid=os.getpid(),
             uptime_s=time.time() - self._started,
             connected_clients=self._server.clients if self._server else 0,
+            protocol_errors=self._server.protocol_errors if self._server else 0,
             loop_alive=self.loop.alive,
             hook_errors=self.hooks.errors,
             loop_errors=self.loop.supervisor.errors + self.supervisor.errors,
@@ -297,15 +298,15 @@ def _push_args(args: tuple[Any, ...]) -> tuple[list[bytes], str, int, tuple[int,
     """A push's arguments, or TypeError saying what is wrong: a malformed push from a
     peer must be refused, never reach the ring or a counter."""
     if len(args) != 4:
-        raise TypeError(f"push takes 4 arguments, not {len(args)}")
+        raise ProtocolViolation(f"push takes 4 arguments, not {len(args)}")
     payloads, client_id, seq, totals = args
-    if not isinstance(payloads, list) or not all(type(p) is bytes for p in payloads):
-        raise TypeError("push: payloads must be a list of bytes")
-    if not isinstance(client_id, str) or not isinstance(seq, int) or isinstance(seq, bool):
-        raise TypeError("push: client id must be a str and seq an int")
-    if (not isinstance(totals, tuple) or len(totals) != 3
+    if type(payloads) is not list or not all(type(p) is bytes for p in payloads):
+        raise ProtocolViolation("push: payloads must be a list of bytes")
+    if type(client_id) is not str or type(seq) is not int:
+        raise ProtocolViolation("push: client id must be a str and seq an int")
+    if (type(totals) is not tuple or len(totals) != 3
             or not all(type(t) is int and t >= 0 for t in totals)):
-        raise TypeError("push: totals must be three counts")
+        raise ProtocolViolation("push: totals must be three counts")
     return payloads, client_id, seq, totals
 
 

@@ -5,10 +5,10 @@ whoever can read it can make the publisher unpickle what they send."""
 from __future__ import annotations
 
 from .auth import PROTOCOL_VERSION, HandshakeError, VersionMismatch, connect
-from .connection import BadFrame, Connection, IPCError, IPCTimeout, Refused
+from .connection import BadFrame, Connection, IPCError, IPCTimeout, ProtocolViolation, Refused
 from .server import Handler, Server
 
 __all__ = [
     "PROTOCOL_VERSION", "BadFrame", "Connection", "HandshakeError", "Handler", "IPCError", "IPCTimeout",
-    "Refused", "Server", "VersionMismatch", "connect",
+    "ProtocolViolation", "Refused", "Server", "VersionMismatch", "connect",
 ]

@@ -51,6 +51,11 @@ class BadFrame(IPCError):
     says whether the stream is still in step (the frame was read whole)."""
 
 
+class ProtocolViolation(TypeError):
+    """A request of the right frame but the wrong shape or types (a handler raises it):
+    the peer is answered with an error and hung up on, and nothing else changes."""
+
+
 class Connection:
     """A connected stream socket whose every read and write gives up after ``timeout`` seconds.
 

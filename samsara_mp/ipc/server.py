@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .auth import HandshakeError, VersionMismatch, accept
-from .connection import BadFrame, Connection
+from .connection import BadFrame, Connection, ProtocolViolation
 
 __all__ = ["Server", "Handler"]
 
@@ -99,6 +99,7 @@ class Server:
         self._lock = threading.Lock()
         self._throttle = _Throttle(_WARN_INTERVAL)
         self.clients = 0
+        self.protocol_errors = 0  # requests refused for their shape, and unreadable frames
 
     def serve_forever(self) -> None:
         """Accept until :meth:`close`; returns then."""
@@ -176,6 +177,7 @@ class Server:
                 conn.timeout = _REQUEST_TIMEOUT
                 message = conn.recv()
             except BadFrame as exc:
+                self._count_violation()
                 if conn.broken is not None:  # no way back into step: hang up
                     self._throttle.warn("unreadable", "samsara_mp publisher hung up on a client: %s",
                                         exc.strerror)
@@ -187,13 +189,25 @@ class Server:
                 return
             else:
                 if _well_formed(message):
-                    answer = self._answer(*message)
+                    try:
+                        answer = self._answer(*message)
+                    except ProtocolViolation as exc:
+                        # Answered, counted, hung up on; the ring and the counters are untouched.
+                        self._count_violation()
+                        self._throttle.warn("request", "samsara_mp publisher refused a request: %s", exc)
+                        self._reply(conn, ("error", f"ProtocolViolation: {exc}"))
+                        return
                 else:
+                    self._count_violation()
                     self._throttle.warn("shape", "samsara_mp publisher refused a request: "
                                         "not a (method, args) tuple but %s", _shape(message))
                     answer = ("error", "BadFrame: a request is a (method, args) tuple")
             if not self._reply(conn, answer):
                 return
+
+    def _count_violation(self) -> None:
+        with self._lock:
+            self.protocol_errors += 1
 
     def _reply(self, conn: Connection, answer: tuple[str, Any]) -> bool:
         """Send ``answer``, bounded like a handshake; False when the connection is done."""
@@ -212,6 +226,8 @@ class Server:
     def _answer(self, method: str, args: tuple[Any, ...]) -> tuple[str, Any]:
         try:
             return ("ok", self._on_request(method, args))
+        except ProtocolViolation:
+            raise
         except Exception as exc:  # noqa: BLE001 - the peer gets the error text
             log.debug("ipc handler error for %s", method, exc_info=True)
             return ("error", f"{type(exc).__name__}: {exc}")
