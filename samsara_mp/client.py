@@ -60,7 +60,8 @@ class SamsaraClient:
         self.config = Config.build(**config)
         self.channel = Channel(self.config)
         self.exit_timeout_s = self.config.exit_timeout_s
-        self._encoder = EventEncoder(self.config.sourceId, self.config.max_event_bytes)
+        self._encoder = EventEncoder(self.config.sourceId, self.config.max_event_bytes,
+                                     warn_small_timestamps=self.config.warn_small_timestamps)
         self._ship_batch = self.config.ship_batch
         self._ship_delay_s = self.config.ship_delay_s
         self.closed = False

@@ -85,6 +85,8 @@ class Config:
     before_send: str | Callable[[dict[str, Any]], Any] | None = None
     sample_rate: float = 1.0
     disabled: bool = False
+    # A timestamp under 10**12 ms (before 2001-09-09) is allowed, but is most often seconds.
+    warn_small_timestamps: bool = True
     # The publisher serves Prometheus /metrics here (0: off; needs the prometheus extra).
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -241,7 +243,7 @@ class Config:
         _check_url(self.url)
         if self.sourceId is not None and (not isinstance(self.sourceId, str) or not self.sourceId):
             raise InvalidConfiguration("sourceId", "must be a non-empty string or None")
-        for name in ("start_publishing_thread", "send_client_stats"):
+        for name in ("start_publishing_thread", "send_client_stats", "warn_small_timestamps"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfiguration(name, f"must be True or False, not {getattr(self, name)!r}")
         positive = (

@@ -8,6 +8,7 @@ the fast path has failed.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -21,6 +22,10 @@ MANDATORY_FIELDS = ("timestamp", "eventName", "sourceId")
 # The last millisecond of the year 9999: well inside the API's 64-bit long, and any
 # later value is a unit mistake (micro- or nanoseconds), not a date.
 MAX_TIMESTAMP = 253_402_300_799_999
+# Under this, epoch milliseconds fall before 2001-09-09: far more often a timestamp in seconds.
+SMALL_TIMESTAMP = 10**12
+_warned_small: list[int] = []  # said once per process
+log = logging.getLogger("samsara_mp")
 
 # The checking encoder: used to explain a failure, and where the C one is missing.
 _json_encode = json.JSONEncoder(
@@ -131,17 +136,19 @@ ENCODER_NAME = "json" if orjson is None else "orjson"
 class EventEncoder:
     """Turns an event mapping into compact JSON bytes, or raises ``InvalidEvent``."""
 
-    __slots__ = ("_source_id", "_max_bytes", "_now")
+    __slots__ = ("_source_id", "_max_bytes", "_now", "_warn_small")
 
     def __init__(
         self,
         source_id: str | None,
         max_event_bytes: int,
         now: Callable[[], int] = current_time_millis,
+        warn_small_timestamps: bool = True,
     ) -> None:
         self._source_id = source_id
         self._max_bytes = max_event_bytes
         self._now = now
+        self._warn_small = warn_small_timestamps
 
     def encode_owned(self, event: dict[str, Any]) -> bytes:
         """Encode a dict the caller gave up (``**kwargs``); it may be enriched in place.
@@ -152,8 +159,8 @@ class EventEncoder:
         ts = event.get("timestamp")
         if ts is None:
             event["timestamp"] = self._now()
-        elif type(ts) is not int or ts < 0 or ts > MAX_TIMESTAMP:
-            _refuse_timestamp(ts)
+        elif type(ts) is not int or ts < SMALL_TIMESTAMP or ts > MAX_TIMESTAMP:
+            self._odd_timestamp(ts)
         name = event.get("eventName")
         if type(name) is not str or not name:
             _refuse_string("eventName", name, event)
@@ -173,13 +180,25 @@ class EventEncoder:
             raise InvalidEvent("event", _oversize(event, len(data), self._max_bytes))
         return data
 
+    def _odd_timestamp(self, ts: object) -> None:
+        """Off the hot path: refuse a timestamp that is not epoch milliseconds, and say once
+        per process when one looks like seconds (it is accepted: the API allows it)."""
+        if type(ts) is int and 0 <= ts < SMALL_TIMESTAMP:
+            if self._warn_small and not _warned_small:
+                _warned_small.append(ts)
+                log.warning("samsara_mp: an event's timestamp %d is before 2001-09-09 in epoch "
+                            "milliseconds: seconds, by mistake? (accepted; set "
+                            "warn_small_timestamps=False to silence this)", ts)
+            return
+        _refuse_timestamp(ts)
+
     def enrich(self, event: dict[str, Any]) -> None:
         """Check the mandatory fields and fill in a missing ``timestamp`` and ``sourceId``."""
         ts = event.get("timestamp")
         if ts is None:
             event["timestamp"] = self._now()
-        elif type(ts) is not int or ts < 0 or ts > MAX_TIMESTAMP:
-            _refuse_timestamp(ts)
+        elif type(ts) is not int or ts < SMALL_TIMESTAMP or ts > MAX_TIMESTAMP:
+            self._odd_timestamp(ts)
         name = event.get("eventName")
         if type(name) is not str or not name:
             _refuse_string("eventName", name, event)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 from decimal import Decimal
 from typing import Any
@@ -207,3 +208,20 @@ def test_both_encoders_write_the_same_json(props: dict[str, Any]) -> None:
         assert json.loads(got) == json.loads(expected)
         if not any(isinstance(v, float) for v in props.values()):
             assert got == expected
+
+
+def test_a_timestamp_that_looks_like_seconds_is_accepted_and_said_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(event_module, "_warned_small", [])
+    caplog.set_level(logging.WARNING, logger="samsara_mp")
+    encoder = event_module.EventEncoder("s", 65536)
+    for ts in (1_700_000_000, 1_700_000_001):  # seconds, by mistake
+        assert json.loads(encoder.encode_owned({"eventName": "e", "timestamp": ts}))["timestamp"] == ts
+    encoder.encode_owned({"eventName": "e", "timestamp": 1_700_000_000_000})  # milliseconds
+    warnings = [r for r in caplog.records if "seconds, by mistake" in r.getMessage()]
+    assert len(warnings) == 1 and "1700000000" in warnings[0].getMessage()
+    monkeypatch.setattr(event_module, "_warned_small", [])
+    quiet = event_module.EventEncoder("s", 65536, warn_small_timestamps=False)
+    quiet.encode_owned({"eventName": "e", "timestamp": 5})
+    assert len([r for r in caplog.records if "seconds, by mistake" in r.getMessage()]) == 1
