@@ -114,8 +114,10 @@ def _real_dir(path: Path, what: str) -> os.stat_result:
 
 def _refuse_foreign(path: Path, what: str, st: os.stat_result, open_bits: int, rule: str) -> None:
     if st.st_uid != os.geteuid():
+        hint = ("; set runtime_dir (SAMSARA_MP_RUNTIME_DIR) to a directory of your own, or run "
+                "with XDG_RUNTIME_DIR set" if what == "runtime directory" else "")
         raise ChannelError(
-            f"{what} {path} is owned by uid {st.st_uid}, not {os.geteuid()}; refusing it"
+            f"{what} {path} is owned by uid {st.st_uid}, not {os.geteuid()}; refusing it{hint}"
         )
     if st.st_mode & open_bits:
         raise ChannelError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):o}; {rule}")
