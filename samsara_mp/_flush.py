@@ -109,6 +109,18 @@ class Flush:
         except _IPC_ERRORS:
             pass
 
+    def send_now(self, deadline: float) -> bool:
+        """At the end of this process's work (its exit): when a publisher took pushes of
+        it that no flush has answered for, ask it to send now instead of at its next
+        ``publish_interval`` tick, without waiting for the delivery; every step is
+        bounded by ``deadline``. True when it was asked."""
+        if not self.shipper.holders.peers or time.monotonic() >= deadline:
+            return False  # nothing of ours waits there: no connection at all
+        try:
+            return self.link.flush_call(deadline, None, wait=0.0, strict=True) is not None
+        except _IPC_ERRORS:
+            return False
+
     def wait(self, deadline: float, shipped: bool) -> bool:
         """The publisher's part of a flush, after the shipping (``shipped``: all went)."""
         link, shipper = self.link, self.shipper

@@ -185,11 +185,13 @@ class Link:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ---- flushes ----
-    def flush_call(self, deadline: float, *args: Any, wait: float | None = None) -> tuple[Any, str] | None:
+    def flush_call(self, deadline: float, *args: Any, wait: float | None = None,
+                   strict: bool = False) -> tuple[Any, str] | None:
         """Ask the publisher to flush, waiting until ``deadline`` (the call bounded by it
-        plus one ``ipc_timeout``; ``wait``: how long the publisher waits, when not until
-        the deadline), on the kept flush connection, or on one of its own while another
-        thread's flush holds that; None when no publisher answers.
+        plus one ``ipc_timeout``, or by the deadline itself when ``strict``; ``wait``: how
+        long the publisher waits, when not until the deadline), on the kept flush
+        connection, or on one of its own while another thread's flush holds that; None
+        when no publisher answers.
         Returns the answer and which publisher gave it (its instance id)."""
         ipc = self.config.ipc_timeout_s
         own = not self.flush_lock.acquire(blocking=False)
@@ -209,7 +211,8 @@ class Link:
                 who = self.identity(conn, bounded(ipc, deadline))
                 if wait is None:
                     wait = max(deadline - time.monotonic(), 0.001)
-                return conn.call("flush", wait, *args, timeout=wait + ipc), who
+                limit = bounded(wait + ipc, deadline) if strict else wait + ipc
+                return conn.call("flush", wait, *args, timeout=limit), who
             except (EOFError, OSError):
                 if conn is self.flush_conn:
                     self._drop_flush_conn()

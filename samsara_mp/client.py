@@ -243,11 +243,15 @@ class SamsaraClient:
             if held:
                 link.leave()
 
-    def close(self, timeout: float | None = None) -> bool:
+    def close(self, timeout: float | None = None, *, send_now: bool = False) -> bool:
         """Ship what is staged, stop the shipper, disconnect; True when nothing was left.
 
         Events that could not be shipped within ``timeout`` are given up,
         logged at WARNING with their number, and counted as ``discarded``.
+        ``send_now`` (the exit hook's): when this process pushed events that no
+        flush has answered for, also ask the publisher to send them now rather
+        than at its next ``publish_interval`` tick, not waiting for the delivery,
+        within the same ``timeout``.
         """
         if self.closed:
             return True
@@ -264,6 +268,8 @@ class SamsaraClient:
             timeout = self.config.ipc_timeout_s * 2
         deadline = time.monotonic() + timeout
         shipped = self.ship(timeout)
+        if send_now:
+            self._flush.send_now(deadline)
         self.closed = True
         # Within the same bound: a thread stuck in a push to a stuck publisher
         # is a daemon, and is not waited for past it.

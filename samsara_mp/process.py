@@ -4,7 +4,7 @@ Every open ``SamsaraClient`` is registered here, strongly: a client dropped
 without ``close()`` must still ship its staged events when the process ends.
 After ``fork()`` each client gets fresh per-process state; at exit (atexit, and
 ``multiprocessing``'s finalizers in its children) each ships what it staged,
-bounded by its ``exit_timeout``.
+and asks the publisher to send what it pushed now, bounded by its ``exit_timeout``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Shippable(Protocol):
     exit_timeout_s: float
 
     def ship(self, timeout: float | None = None) -> bool: ...
-    def close(self, timeout: float | None = None) -> bool: ...
+    def close(self, timeout: float | None = None, *, send_now: bool = False) -> bool: ...
     def after_fork_in_child(self) -> None: ...
     def refresh_mode(self) -> None: ...
 
@@ -120,10 +120,16 @@ _pool_guarded = [0]  # the pid whose Pool-worker SIGTERM guard was decided
 
 
 def _close_all_at_exit() -> None:
-    """Ship every open client's staged events as the process ends, each bounded."""
+    """Ship every open client's staged events as the process ends, each bounded.
+
+    A process's exit is the end of its work (the last worker of an executor
+    that shut down): a client that pushed events no flush has answered for
+    also asks the publisher to send them now, without waiting for the delivery,
+    so they do not wait out ``publish_interval`` there. A client that pushed
+    nothing makes no connection."""
     for client in _open_clients():
         try:
-            client.close(client.exit_timeout_s)
+            client.close(client.exit_timeout_s, send_now=True)
         except Exception:  # noqa: BLE001 - never let an exit hook raise
             log.exception("samsara_mp: flush at exit failed")
 

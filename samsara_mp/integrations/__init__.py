@@ -1,4 +1,4 @@
-"""Integrations with process managers (gunicorn, uWSGI, Celery, multiprocessing) and
+"""Integrations with process managers (gunicorn, uWSGI, Celery, RQ, multiprocessing) and
 web frameworks (Django, Flask, ASGI).
 
 Each process-manager module wires samsara_mp's lifecycle (who owns the
