@@ -47,6 +47,8 @@ def client_stats(client: SamsaraClient, timeout: float, held: bool, ask: bool = 
             "channel": client.channel.name,
         }
         totals = shipper.totals()
+        totals_abs = shipper.staging.totals()
+        reported_abs = shipper.reported_abs
     result: dict[str, Any] = {"local": local, "channel": None}
     if not ask:
         return result
@@ -55,7 +57,8 @@ def client_stats(client: SamsaraClient, timeout: float, held: bool, ask: bool = 
         return result
     answer: Any = None
     try:
-        answer = client._link.call("stats", shipper.client_id, timeout=timeout, held=held)
+        answer, peer = client._link.call("stats", shipper.client_id, timeout=timeout, held=held,
+                                         with_peer=True)
         chan = dict(answer)
     except (TypeError, ValueError):
         result["error"] = f"the publisher answered stats with a {type(answer).__name__}, not counters"
@@ -65,6 +68,11 @@ def client_stats(client: SamsaraClient, timeout: float, held: bool, ask: bool = 
         result["error"] = str(exc) + (f" (the last publisher said: {cause})" if cause else "")
         return result
     mine = chan.pop("client", None) or {}
+    if peer != shipper.instance:
+        # A publisher the shipper has not pushed to yet counts from its own start: it is to
+        # be told what the last one was not (the shipper's base when it meets it).
+        totals = (totals_abs[0] - reported_abs[0], totals_abs[1] - reported_abs[1],
+                  totals_abs[2] - reported_abs[2])
     if push is not None and push.sent and mine.get("last_seq", -1) >= push.seq:
         # The push in flight at the snapshot reached the ring (its answer was lost,
         # or is being read): what it took is the ring's now, not staged here.

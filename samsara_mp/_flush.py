@@ -45,11 +45,12 @@ class Holders:
     """The publishers, by instance id, holding pushes of this process not yet flushed."""
 
     def __init__(self) -> None:
-        # An RLock: a signal handler may flush while the code it interrupted settles one.
-        self.lock = threading.RLock()
         self.reset()
 
     def reset(self) -> None:
+        """Fresh state (and a fresh lock: one a parent's thread held at fork stays held)."""
+        # An RLock: a signal handler may flush while the code it interrupted settles one.
+        self.lock = threading.RLock()
         self.pushes_acked = 0
         self.peers: dict[str, Holder] = {}
 

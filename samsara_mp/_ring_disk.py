@@ -8,13 +8,14 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._batch import Batch
 
 if TYPE_CHECKING:
+    from ._segment_file import Position
     from ._segment_log import SegmentLog
-    from .ledger import Counters
+    from .ledger import Counters, OwnerRuns
 
 __all__ = ["DiskSide"]
 
@@ -38,12 +39,39 @@ class DiskSide:
     _changed: threading.Condition
     _clock: Callable[[], float]
     _flight_since: float | None
+    _owners: OwnerRuns
 
     def _pop_head(self, n: int) -> list[bytes]:
         raise NotImplementedError
 
     def _release_owners(self, n: int, lost: bool = False) -> None:
         raise NotImplementedError
+
+    def _flight_to_disk(self) -> None:
+        """Write the ring batch in flight to the spool, and keep it in flight as a batch
+        read from there (settled on disk); left as it is if it cannot be written whole."""
+        assert self.spool is not None and self.in_flight is not None
+        flight = self.in_flight
+        positions: list[Position] = []
+        try:
+            written, evicted_own, evicted_inherited, error = self.spool.append(flight.payloads, positions)
+        except OSError:
+            return
+        self._count_evicted(evicted_own, evicted_inherited)
+        if error is not None or written != len(flight.payloads):
+            # A partial copy: marked settled, so it is never read back; the batch stays
+            # in memory as it was.
+            self.spool.settle_many(positions)
+            return
+        self.counters.spooled += written
+        for rec, k in flight.owners:
+            if rec is not None:
+                rec.held -= k
+                rec.spilled += k
+        self._bytes -= flight.nbytes
+        # The same object: the publish loop may be sending it right now, and settles it.
+        flight.owners, flight.positions, flight.inherited = [], positions, [False] * written
+        self.spool.in_flight = set(positions)
 
     def _spill_out(self, taken: list[bytes], now: float) -> None:
         assert self.spool is not None
@@ -147,22 +175,25 @@ class DiskSide:
         with self._lock:
             flight = self.in_flight
             out: list[bytes] = []
+            owners: list[list[Any]] = []
             if flight is not None and flight.positions is None:
                 out.extend(flight.payloads)
-                for rec, k in flight.owners:
-                    if rec is not None:
-                        rec.held -= k
+                owners.extend(flight.owners)
                 self.in_flight = None
             elif flight is not None and self.spool is not None:
                 self.in_flight = None  # still on disk: nothing to write again
                 self.spool.in_flight = set()
             n = len(self._ring)
-            self._release_owners(n)
+            owners.extend(self._owners.take(n))
             out.extend(self._pop_head(n))
             self._bytes = 0
+            for rec, k in owners:  # none of it is in memory any more
+                if rec is not None:
+                    rec.held -= k
             c = self.counters
             if spool is None:
                 c.dropped_spool += len(out)
+                _charge(owners)
                 return 0, None
             self.spool = spool
             if not out:
@@ -174,6 +205,16 @@ class DiskSide:
             c.spooled += written
             self._count_evicted(evicted_own, evicted_inherited)
             c.dropped_spool += len(out) - written
+            if written < len(out):
+                _charge(owners)
             self._changed.notify_all()
             return written, error
 
+
+
+def _charge(owners: list[list[Any]]) -> None:
+    """Some of these clients' events could not be kept: each one's next flush says so
+    (which of them were lost is not known, so every one of them is told)."""
+    for rec, k in owners:
+        if rec is not None:
+            rec.lost += k

@@ -115,13 +115,15 @@ class SegmentLog:
         return False
 
     # ---- write ----
-    def append(self, payloads: list[bytes]) -> tuple[int, int, int, OSError | None]:
+    def append(self, payloads: list[bytes], positions: list[Position] | None = None
+               ) -> tuple[int, int, int, OSError | None]:
         """Append records, oldest first; ``(written, evicted_own, evicted_inherited, error)``.
 
         Old segments are evicted to keep within ``max_bytes``; events more than
         the whole bound at once lose their oldest. When a write fails (ENOSPC,
         EFBIG...) the rest is not written, the segment is cut back to its last
         whole record and ``error`` says why; ``written`` counts what is on disk.
+        ``positions``, when given, gets where each written record is.
         """
         frames = [FRAME.pack(len(p), zlib.crc32(p)) + p for p in payloads]
         need = sum(map(len, frames))
@@ -137,14 +139,15 @@ class SegmentLog:
             evicted_inh += i
         written: list[int] = [0]
         try:
-            self._append_frames(frames, written)
+            self._append_frames(frames, written, positions)
         except OSError as exc:
             self._maybe_sync()
             return written[0], evicted_own, evicted_inh, exc
         self._maybe_sync()
         return written[0], evicted_own, evicted_inh, None
 
-    def _append_frames(self, frames: list[bytes], written: list[int]) -> None:
+    def _append_frames(self, frames: list[bytes], written: list[int],
+                       positions: list[Position] | None) -> None:
         start = 0
         while start < len(frames):
             seg = self._writable()
@@ -158,6 +161,8 @@ class SegmentLog:
                 self._roll()
                 continue
             self._write(seg, b"".join(frames[start:end]))
+            if positions is not None:
+                positions.extend((seg.index, seg.records + i) for i in range(end - start))
             seg.records += end - start
             written[0] += end - start
             start = end

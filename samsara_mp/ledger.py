@@ -65,7 +65,7 @@ class ClientRecord:
     """What the ring knows of one worker process's client."""
 
     __slots__ = ("last_seq", "last_taken", "dropped_staging", "filtered", "sampled_out", "taken",
-                 "held", "lost", "refused_at")
+                 "held", "lost", "spilled", "refused_at")
 
     def __init__(self) -> None:
         self.last_seq = -1  # the newest push taken, and how many of its events were
@@ -77,6 +77,7 @@ class ClientRecord:
         self.taken = 0  # events of it the ring has taken, ever
         self.held = 0  # of those, in the ring or in flight now
         self.lost = 0  # of those, dropped by the ring for lack of room
+        self.spilled = 0  # of those, moved to the spool on disk
         self.refused_at = -1e9  # when a push of it last found too little room
 
 
@@ -165,6 +166,13 @@ class OwnerRuns:
                 rec.held -= k
                 if lost:
                     rec.lost += k
+
+    def spill(self, n: int) -> None:
+        """The ``n`` oldest move to the spool on disk: no longer held in memory."""
+        for rec, k in self.take(n):
+            if rec is not None:
+                rec.held -= k
+                rec.spilled += k
 
     def take(self, n: int) -> list[list[Any]]:
         """The runs of the ``n`` oldest, moved out (into a batch in flight: still held)."""

@@ -64,6 +64,7 @@ class PublisherProcess:
         self.supervisor = Supervisor(self._stop, RetryPolicy.from_config(config))
         self._accepting = True
         self._spooled_at_exit = False  # what flushes wait for went to the spool, not the API
+        self._lost_at_exit = False  # some of it could not be written to the spool either
         # This start's identity, in every push's answer: a client's flush tells by it
         # which publisher holds its events (a pid can be reused, or be 1 in a container).
         self.instance = os.urandom(8).hex()
@@ -165,7 +166,8 @@ class PublisherProcess:
         return 0
 
     def _report(self) -> None:
-        if self.reporter is not None:
+        # Only into room no worker was given: a stats event must never push out theirs.
+        if self.reporter is not None and len(self.buffer) < self.config.max_buffer_size:
             self.buffer.push([self.reporter.event(self.stats())])
             self._stats_events += 1
 
@@ -186,9 +188,9 @@ class PublisherProcess:
             self._metrics.server_close()
         # The last word on this publisher's accounting, for whoever reads its log.
         log.info("samsara_mp: final accounting %s", json.dumps(self._accounting()))
-        # Nothing it held is unaccounted for: a client's flush need not call it lost.
-        # (A push taken after the drain's last look would still be in memory.)
-        if not len(self.buffer):
+        # Nothing it held is lost: a client's flush need not call it lost. (A push taken
+        # after the drain's last look would still be in memory.)
+        if not len(self.buffer) and not self._lost_at_exit:
             self.channel.note_clean_exit(self.instance)
 
     def _log_dir(self) -> Path:
@@ -215,9 +217,10 @@ class PublisherProcess:
         else:
             written, failure = self.buffer.drain_to(spool)
             error = None if failure is None else str(failure)
-        if error is not None:
+        if written < n:
+            self._lost_at_exit = True
             log.error("samsara_mp: could not write %d undelivered events to %s (%s); counted as "
-                      "dropped_spool", n - written, self._log_dir(), error)
+                      "dropped_spool", n - written, self._log_dir(), error or "past spool_max_bytes")
         if written:
             log.warning("samsara_mp: wrote %d undelivered events to %s", written, self._log_dir())
 
@@ -254,8 +257,12 @@ class PublisherProcess:
                 raise ProtocolViolation("flush takes a timeout in seconds")
             target = self.loop.request_flush()
             done = self.loop.wait_flushed(target, min(float(args[0]), 3600.0))
-            client = self.buffer.snapshot(_opt_str(args[1:])).get("client") or {}
-            return done and not self._spooled_at_exit, int(client.get("lost", 0))
+            snap = self.buffer.snapshot(_opt_str(args[1:]))
+            client = snap.get("client") or {}
+            # Events of this client that went to disk share the disk's losses: which of
+            # the spool's dropped events were its own is not kept.
+            lost = int(client.get("lost", 0)) + (snap["dropped_spool"] if client.get("spilled") else 0)
+            return done and not self._spooled_at_exit, lost
         if method == "instance":
             return self.instance
         if method == "ping":

@@ -73,10 +73,10 @@ class Ring(DiskSide):
             c = self.counters
             rec = self.ledger.client(client_id) if client_id else None
             if rec is not None:
+                self.ledger.report(rec, totals)  # counts only what is new: a resend's too
                 if push_seq <= rec.last_seq:
                     c.duplicate_pushes += 1
                     return rec.last_taken, self._room(rec)
-                self.ledger.report(rec, totals)
             c.pushes += 1
             n = len(payloads)
             take = n if rec is None else min(n, self._room(rec))
@@ -141,7 +141,11 @@ class Ring(DiskSide):
         """Past the bound: the ``n`` oldest of the ring go to the spool, or are dropped."""
         now = self._clock()
         if self._spill and now >= self._spool_off_until:
-            self._release_owners(n)
+            if self.in_flight is not None and self.in_flight.positions is None:
+                # The batch in flight is older than what goes to disk now: it goes first,
+                # so that a stop, which writes what is left at the log's end, keeps order.
+                self._flight_to_disk()
+            self._owners.spill(n)
             self._spill_out(self._pop_head(n), now)
             return
         self._release_owners(n, lost=True)
@@ -302,7 +306,8 @@ class Ring(DiskSide):
             if client_id is not None:
                 rec = self.ledger.clients.get(client_id)
                 snap["client"] = None if rec is None else {
-                    "last_seq": rec.last_seq, "taken": rec.taken, "held": rec.held, "lost": rec.lost,
+                    "last_seq": rec.last_seq, "last_taken": rec.last_taken, "taken": rec.taken,
+                    "held": rec.held, "lost": rec.lost, "spilled": rec.spilled,
                     "dropped_staging": rec.dropped_staging, "filtered": rec.filtered,
                     "sampled_out": rec.sampled_out, "room": self._room(rec),
                 }
