@@ -6,6 +6,13 @@ holds it must not use the connection (its bytes would land inside the
 interrupted message), which :meth:`Link.reentered` tells. Flushes wait on a
 connection of their own, so a long wait never holds the push connection
 (docs/design.md, "Workers").
+
+The lock is of the kind ``threading.Lock`` makes when it is first taken, not when
+the link was made: gevent's gunicorn worker monkey-patches after the fork, so a
+link reset at the fork (``preload_app``) made a native lock, which a greenlet
+holds across a cooperative socket wait while another greenlet's ``acquire``
+blocks the whole process, the holder included (a hung worker); see
+docs/design.md, "Threads and the GIL".
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class Link:
     def reset(self) -> None:
         """Fresh per-process state (at construction, and in the child of a fork)."""
         self.lock = threading.Lock()  # one exchange at a time on ``conn``
+        self._lock_kind: object = threading.Lock  # what made it (see _current_lock)
         self._holder: int | None = None  # the thread that holds it
         self.conn: Connection | None = None
         self.flush_lock = threading.Lock()
@@ -69,13 +77,29 @@ class Link:
         """Take the connection's lock (``timeout`` None: wait), never re-entering it."""
         if self.reentered():
             return False
-        if timeout is None:
-            got = self.lock.acquire()
-        else:
-            got = self.lock.acquire(timeout=max(timeout, 0.0))
-        if got:
-            self._holder = threading.get_ident()
-        return got
+        end = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            lock = self._current_lock()
+            if end is None:
+                got = lock.acquire()
+            else:
+                got = lock.acquire(timeout=max(end - time.monotonic(), 0.0))
+            if not got:
+                return False
+            if lock is self.lock:
+                break
+            lock.release()  # replaced while this thread waited for it: take the new one
+        self._holder = threading.get_ident()
+        return True
+
+    def _current_lock(self) -> Any:
+        """The lock, made anew when ``threading`` was monkey-patched since it was made
+        (gevent's worker patches after the fork) and nobody holds it."""
+        if self._lock_kind is not threading.Lock and self.lock.acquire(blocking=False):
+            old = self.lock
+            self.lock, self._lock_kind = threading.Lock(), threading.Lock
+            old.release()
+        return self.lock
 
     def leave(self) -> None:
         self._holder = None
