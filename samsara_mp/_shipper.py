@@ -305,7 +305,9 @@ class Shipper:
         """The push to send: the one not yet answered, or the oldest staged events
         that fit the credit and one write (possibly none: a report of counts)."""
         if self.pending is None:
-            want = self.credit if self.credit > 0 else _PROBE
+            # No credit: the publisher holds such a push until some room opens, so it
+            # carries a fair amount, less the longer the ring stays full (an outage).
+            want = self.credit if self.credit > 0 else max(_FIRST_CREDIT >> min(self.no_room, 4), _PROBE)
             # One write per push: each further write must win the GIL back from a busy
             # recording thread.
             conn = self.link.conn

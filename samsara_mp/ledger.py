@@ -87,6 +87,7 @@ class Ledger:
     def __init__(self) -> None:
         self.counters = Counters()
         self.clients: OrderedDict[str, ClientRecord] = OrderedDict()
+        self.active: dict[int, ClientRecord] = {}
 
     def client(self, client_id: str) -> ClientRecord:
         """The record of ``client_id``, made if new, moved to the newest end."""
@@ -138,10 +139,18 @@ class Ledger:
         # cheaper than many tiny ones.
         return min(max(room, min(_MIN_GRANT, free)), free)
 
+    def mark_active(self, rec: ClientRecord) -> None:
+        """``rec`` holds events, or was just refused room: it counts for the shares."""
+        self.active[id(rec)] = rec
+
     def active_clients(self, now: float) -> int:
         """Clients that hold events in the ring, or were refused room within a second
-        (a worker waiting for room counts, so it is not starved by a busy one)."""
-        return sum(1 for rec in self.clients.values() if rec.held or now - rec.refused_at < 1.0)
+        (a worker waiting for room counts, so it is not starved by a busy one). Only
+        the clients marked active are looked at, not every client remembered."""
+        active = self.active
+        for key in [k for k, rec in active.items() if not rec.held and now - rec.refused_at >= 1.0]:
+            del active[key]
+        return len(active)
 
 
 class OwnerRuns:

@@ -44,6 +44,10 @@ __all__ = ["Publisher", "PublisherProcess", "main", "EXIT_LOST_ELECTION"]
 
 log = logging.getLogger("samsara_mp")
 
+# How long a push that finds no room waits for a batch to leave the ring before it is
+# answered; well within a worker's ipc_timeout.
+_ROOM_WAIT = 0.1
+
 
 class PublisherProcess:
     """What runs inside the publisher process."""
@@ -248,7 +252,7 @@ class PublisherProcess:
             payloads, client_id, seq, totals = _push_args(args)
             if not self._accepting:
                 raise ChannelError("publisher is shutting down")
-            taken, room = self.buffer.push(payloads, client_id, seq, totals)
+            taken, room = self.buffer.push(payloads, client_id, seq, totals, wait=_ROOM_WAIT)
             return taken, room, self.instance
         if method == "stats":
             return self.stats(_opt_str(args))

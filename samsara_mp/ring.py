@@ -61,14 +61,15 @@ class Ring(DiskSide):
 
     # ---- worker side (IPC server threads) ----
     def push(self, payloads: Sequence[bytes], client_id: str = "", push_seq: int = -1,
-             totals: tuple[int, int, int] = (0, 0, 0)) -> tuple[int, int]:
+             totals: tuple[int, int, int] = (0, 0, 0), wait: float = 0.0) -> tuple[int, int]:
         """Take the oldest of ``payloads`` that fit this client's room; ``(taken, room)``.
 
         ``room`` is how many more events the client may push now. A push resent
         with a seq already taken gets the first answer's count again, so a
         worker that timed out waiting cannot duplicate events. Pushes with no
         client id (the publisher's own events) take whatever room there is and
-        fall back to drop-oldest."""
+        fall back to drop-oldest. ``wait``: how long a push that finds no room at
+        all waits for some."""
         with self._lock:
             c = self.counters
             rec = self.ledger.client(client_id) if client_id else None
@@ -79,14 +80,24 @@ class Ring(DiskSide):
                     return rec.last_taken, self._room(rec)
             c.pushes += 1
             n = len(payloads)
-            take = n if rec is None else min(n, self._room(rec))
-            if rec is not None:
+            if rec is None:
+                take = n
+            else:
+                room = self._room(rec)
+                if not room and n and wait > 0:
+                    # No room: wait a little for a batch to leave, rather than have the
+                    # worker ask again and again.
+                    self._changed.wait_for(lambda: self._room(rec) > 0, wait)
+                    room = self._room(rec)
+                take = min(n, room)
                 rec.last_seq, rec.last_taken = push_seq, take
                 rec.taken += take
                 rec.held += take
+                if take < n:
+                    rec.refused_at = self._clock()
+                if rec.held or take < n:
+                    self.ledger.mark_active(rec)
             c.refused_events += n - take
-            if rec is not None and take < n:
-                rec.refused_at = self._clock()
             if take:
                 self._append(payloads if take == n else payloads[:take], rec)
             return take, (self._room(rec) if rec is not None else 0)
