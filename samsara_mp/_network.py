@@ -80,12 +80,8 @@ def _from_env(path: str) -> str:
 
 
 def _check_proxy(proxy: object) -> None:
-    if not isinstance(proxy, str) or not proxy:
-        raise InvalidConfiguration("proxy", "must be a non-empty URL string or None")
-    try:
-        parts = _redact.split_url(proxy)
-    except ValueError as exc:
-        raise InvalidConfiguration("proxy", str(exc)) from None
+    parts = _redact.split_url_setting("proxy", proxy, "a non-empty URL string or None")
+    assert isinstance(proxy, str)
     # Without "://" a value may be a bare "user:password": it is never echoed then.
     shown = _redact.redact_url_safe(proxy) if "://" in proxy else f"({len(proxy)} characters)"
     if parts.scheme not in _PROXY_SCHEMES or not parts.hostname:

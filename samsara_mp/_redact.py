@@ -43,6 +43,20 @@ def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {name: "***" for name in headers}
 
 
+def split_url_setting(key: str, value: object, kind: str) -> SplitResult:
+    """The URL setting ``key`` split (see :func:`split_url`), or ``InvalidConfiguration``
+    naming the key when it is not a non-empty string (``kind`` says what it must be)
+    or does not parse."""
+    from .errors import InvalidConfiguration
+
+    if not isinstance(value, str) or not value:
+        raise InvalidConfiguration(key, f"must be {kind}")
+    try:
+        return split_url(value)
+    except ValueError as exc:
+        raise InvalidConfiguration(key, str(exc)) from None
+
+
 def split_url(url: str) -> SplitResult:
     """``urlsplit(url)``, its port checked; the ``ValueError`` for a URL that does not
     parse says where or why, never what, so it can be shown with the URL's credentials in it."""

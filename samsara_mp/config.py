@@ -353,12 +353,8 @@ def check_keys(keys: Iterable[str]) -> None:
 
 
 def _check_url(url: object) -> None:
-    if not isinstance(url, str) or not url:
-        raise InvalidConfiguration("url", "must be a non-empty string")
-    try:
-        parts = _redact.split_url(url)
-    except ValueError as exc:
-        raise InvalidConfiguration("url", str(exc)) from None
+    parts = _redact.split_url_setting("url", url, "a non-empty string")
+    assert isinstance(url, str)
     shown = _redact.redact_url_safe(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidConfiguration("url", f"{shown!r} is not an http(s) URL with a host")

@@ -22,8 +22,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,7 @@ class _Run:
         self.seen: set[int] = set()
         self.answered: dict[int, int] = {}  # request id -> pid of the worker that answered
         self.sent = 0
+        self._rid_lock = threading.Lock()
         self.session = requests.Session()
         self.session.headers["Connection"] = "close"
 
@@ -98,7 +101,8 @@ class _Run:
         self.seen |= children(self.master.pid)
 
     def send(self) -> int | None:
-        rid, self.sent = self.sent, self.sent + 1
+        with self._rid_lock:
+            rid, self.sent = self.sent, self.sent + 1
         pid = _get(self.session, f"{self.base}?rid={rid}")
         if pid is not None:
             self.answered[rid] = pid
@@ -244,8 +248,10 @@ def test_app_under_gunicorn_delivers_every_answered_request(
         info = wait_until(_channel(server, runtime_dir).read_info, 10, "publisher.json")
         publisher_pid = int(info["pid"])
         assert info["owner_pid"] == run.master.pid, "the master owns the publisher"
-        for _ in range(120):
-            run.send()
+        # From 3 threads at once, so that more than one worker is busy: one after another,
+        # a loaded machine can hand every connection to the same worker.
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda _: run.send(), range(120)))
         assert len(run.answered) == run.sent
         assert _threads(run.master.pid) == 1
         assert run.stop() == 0, run.log()[-5000:]
