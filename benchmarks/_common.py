@@ -509,3 +509,25 @@ class ForeignCPU:
         own = self._own() - self._own0
         wall = max(time.monotonic() - self._t0, 1e-9)
         return max(0.0, busy - own) / (os.cpu_count() or 1) / wall
+
+
+def channel_accounting(url: str, channel: str, runtime_dir: str, keys: Sequence[str]
+                       ) -> tuple[int | None, dict[str, Any]]:
+    """The channel's publisher pid (tracked, to be stopped at exit) and its counters
+    ``keys`` (plus ``error`` when it could not be asked), read by a client that
+    starts nothing."""
+    from samsara_mp import SamsaraClient
+    from samsara_mp.channel import Channel
+    from samsara_mp.config import Config
+
+    config = Config.build(env={}, url=url, channel=channel, runtime_dir=runtime_dir)
+    info = Channel(config).read_info()
+    pid = track(int(info["pid"]), "publisher") if info is not None else None
+    with SamsaraClient(url, channel=channel, runtime_dir=runtime_dir,
+                       start_publishing_thread=False) as probe:
+        st = probe.stats()
+    chan = st.get("channel") or {}
+    out = {k: chan.get(k) for k in keys}
+    if st.get("error"):
+        out["error"] = st["error"]
+    return pid, out

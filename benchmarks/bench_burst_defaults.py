@@ -392,16 +392,7 @@ def run_scenario(sc: str, n: int, per: int, deadline_s: float, tmp: str, run_no:
         r["timed_out"] = time.monotonic() >= deadline
         if mp_kind:
             config = Config.build(env={}, url=sink.url, channel=channel, runtime_dir=rundir)
-            info = Channel(config).read_info()
-            if info is not None:
-                pub_pid = C.track(int(info["pid"]), "publisher")
-            with SamsaraClient(sink.url, channel=channel, runtime_dir=rundir,
-                               start_publishing_thread=False) as probe:
-                st = probe.stats()
-            chan = st.get("channel") or {}
-            r["publisher"] = {k: chan.get(k) for k in PUB_KEYS}
-            if st.get("error"):
-                r["publisher"]["error"] = st["error"]
+            pub_pid, r["publisher"] = C.channel_accounting(sink.url, channel, rundir, PUB_KEYS)
             r["publisher_cpu_s"] = C.proc_cpu_seconds(pub_pid) if pub_pid and C.pid_alive(pub_pid) else 0.0
             r["publisher_log_warnings"], r["publisher_log_first"] = log_warnings(Channel(config).dir
                                                                                  / "publisher.log")

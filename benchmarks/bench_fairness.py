@@ -49,8 +49,6 @@ import _common as C  # noqa: E402
 from bench_burst_defaults import PUB_KEYS, Reports, _send, clean_environment, stray_pids  # noqa: E402
 
 from samsara_mp import SamsaraClient  # noqa: E402
-from samsara_mp.channel import Channel  # noqa: E402
-from samsara_mp.config import Config  # noqa: E402
 
 EVENT = "bench.fair"
 READY_TIMEOUT = 60.0
@@ -160,17 +158,7 @@ def run_once(args: argparse.Namespace, tmp: str, run_no: int) -> dict[str, Any]:
         # passed. What the server holds now is "delivered at the cut"; the channel's
         # accounting is read now too, so what it still buffers is in flight, not delivered.
         at_cut = sink.events()
-        config = Config.build(env={}, url=sink.url, channel=channel, runtime_dir=rundir)
-        info = Channel(config).read_info()
-        if info is not None:
-            pub_pid = C.track(int(info["pid"]), "publisher")
-        with SamsaraClient(sink.url, channel=channel, runtime_dir=rundir,
-                           start_publishing_thread=False) as probe:
-            st = probe.stats()
-        chan = st.get("channel") or {}
-        r["publisher"] = {k: chan.get(k) for k in PUB_KEYS}
-        if st.get("error"):
-            r["publisher"]["error"] = st["error"]
+        pub_pid, r["publisher"] = C.channel_accounting(sink.url, channel, rundir, PUB_KEYS)
         r["t_cut"] = time.time() - t_start
         r["timed_out"] = time.monotonic() >= deadline
     finally:
