@@ -133,8 +133,17 @@ class Link:
             return None  # record_event ships inline: never wait for a start there
         ipc = self.config.ipc_timeout_s
         if launch is Launch.SERVING:
-            # A publisher holds the lock: it is starting, or hung; wait a little.
-            return self.channel.connect_when_up(bounded(ipc, deadline))
+            # A publisher holds the lock: it is starting, hung, or just dying (a killed
+            # one's lock can outlive it by a moment). Wait a little, launching one as soon
+            # as the lock is free.
+            end = time.monotonic() + bounded(ipc, deadline)
+            while True:
+                conn = self.channel.connect_when_up(min(0.25, max(end - time.monotonic(), 0.01)))
+                if conn is not None or time.monotonic() >= end:
+                    return conn
+                launch, proc = self.channel.launch_publisher()
+                if launch is not Launch.SERVING:
+                    break
         # A launch is in flight. Not cut by the deadline: a start is let come up (the one
         # wait ship(timeout) may overrun), or a short ship could never elect one.
         conn = self.channel.connect_when_up(max(ipc, _START_WAIT), proc)
