@@ -531,3 +531,12 @@ def channel_accounting(url: str, channel: str, runtime_dir: str, keys: Sequence[
     if st.get("error"):
         out["error"] = st["error"]
     return pid, out
+
+
+def importable(module: str) -> str | None:
+    """Why ``module`` cannot be imported (a baseline's client), or None when it can."""
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -531,14 +531,6 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def importable(module: str) -> str | None:
-    try:
-        __import__(module)
-    except Exception as exc:  # noqa: BLE001
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def clean_environment() -> list[str]:
     """Drop settings that would change a library's defaults; keep loopback off any proxy."""
     removed = sorted(k for k in os.environ if k.startswith(("SAMSARA_MP_", "POSTHOG_")))
@@ -585,7 +577,7 @@ def main() -> int:
         for run_no in range(1, args.repeat + 1):
             for sc in scenarios:
                 if sc in ("C", "D"):
-                    why = importable("posthog" if sc == "C" else "segment.analytics.client")
+                    why = C.importable("posthog" if sc == "C" else "segment.analytics.client")
                     if why:
                         if run_no == 1:
                             skipped.append(f"{sc} skipped: {why} (pip install -e '.[bench]')")

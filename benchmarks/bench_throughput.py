@@ -421,14 +421,6 @@ def run_seed(srv: C.IngestProcess, n: int, per: int, deadline_s: float) -> dict[
     return r
 
 
-def importable(module: str) -> str | None:
-    try:
-        __import__(module)
-    except Exception as exc:  # noqa: BLE001
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="40k events per samsara_mp run")
@@ -499,7 +491,7 @@ def main() -> int:
                 for n in counts:
                     rows.append(run_naive(srv, n, small // n, max(60.0, small / 5_000)))
             elif b == "segment":
-                why = importable("segment.analytics.client")
+                why = C.importable("segment.analytics.client")
                 if why:
                     notes.append(f"segment baseline skipped: {why}")
                     continue
@@ -511,7 +503,7 @@ def main() -> int:
                 finally:
                     sink.stop()
             elif b == "seed":
-                why = importable("samsara_sdk")
+                why = C.importable("samsara_sdk")
                 if why:
                     notes.append(f"samsara_sdk baseline skipped: {why}")
                     continue

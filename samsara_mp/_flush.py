@@ -102,13 +102,14 @@ class Flush:
         self.seen_dropped = 0  # staging drops already answered for
         self.seen_lost: tuple[str, int] = ("", 0)  # (publisher, its ring drops of ours) answered for
 
-    def urge(self, deadline: float) -> None:
-        """Ask the publisher to send now, without waiting for it (a flush whose events
-        wait for room while the publisher waits out a backoff)."""
+    def urge(self, deadline: float, strict: bool = False) -> bool:
+        """Ask the publisher to send now, without waiting for the delivery (a flush whose
+        events wait for room while it waits out a backoff; a process's exit); ``strict``:
+        the call itself ends by ``deadline``. True when it was asked."""
         try:
-            self.link.flush_call(deadline, None, wait=0.0)
+            return self.link.flush_call(deadline, None, wait=0.0, strict=strict) is not None
         except _IPC_ERRORS:
-            pass
+            return False
 
     def send_now(self, deadline: float) -> bool:
         """At the end of this process's work (its exit): when a publisher took pushes of
@@ -117,10 +118,7 @@ class Flush:
         bounded by ``deadline``. True when it was asked."""
         if not self.shipper.holders.peers or time.monotonic() >= deadline:
             return False  # nothing of ours waits there: no connection at all
-        try:
-            return self.link.flush_call(deadline, None, wait=0.0, strict=True) is not None
-        except _IPC_ERRORS:
-            return False
+        return self.urge(deadline, strict=True)
 
     def wait(self, deadline: float, shipped: bool) -> bool:
         """The publisher's part of a flush, after the shipping (``shipped``: all went)."""

@@ -44,9 +44,6 @@ class DiskSide:
     def _pop_head(self, n: int) -> list[bytes]:
         raise NotImplementedError
 
-    def _release_owners(self, n: int, lost: bool = False) -> None:
-        raise NotImplementedError
-
     def _flight_to_disk(self) -> None:
         """Write the ring batch in flight to the spool, and keep it in flight as a batch
         read from there (settled on disk); left as it is if it cannot be written whole."""

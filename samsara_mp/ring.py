@@ -128,10 +128,6 @@ class Ring(DiskSide):
         free = self.max_size - len(self._ring) - self._flight_len()
         return self.ledger.room(rec, free, self.max_size, self._spill, self._clock())
 
-    def room_for(self, client_id: str) -> int:
-        with self._lock:
-            return self._room(self.ledger.client(client_id))
-
     def _pop_head(self, n: int) -> list[bytes]:
         """Remove the ``n`` oldest of the ring (under the lock), releasing their owners."""
         ring = self._ring
@@ -145,9 +141,6 @@ class Ring(DiskSide):
         self._oldest_since = self._clock() if ring else None
         return taken
 
-    def _release_owners(self, n: int, lost: bool = False) -> None:
-        self._owners.release(n, lost)
-
     def _make_room(self, n: int) -> None:
         """Past the bound: the ``n`` oldest of the ring go to the spool, or are dropped."""
         now = self._clock()
@@ -159,7 +152,7 @@ class Ring(DiskSide):
             self._owners.spill(n)
             self._spill_out(self._pop_head(n), now)
             return
-        self._release_owners(n, lost=True)
+        self._owners.release(n, lost=True)
         self._pop_head(n)
         if self._spill:
             self.counters.dropped_spool += n  # meant for the disk, which failed a moment ago
